@@ -1,0 +1,113 @@
+//! What the user asks for: [`LoraConfig`], PEFT's `LoraConfig` in Burn's config style.
+
+use burn::config::Config;
+use burn::module::Module;
+
+use crate::{LoraError, LoraReport, Targets, apply};
+
+/// How the adapter factors start. `B` always starts at zero, so the adapted model starts equal
+/// to the base.
+#[derive(Config, Debug, PartialEq, Copy)]
+pub enum LoraInit {
+    /// PEFT's default: `A` Kaiming-uniform with `a = √5`, which for `A: [d_in, r]` is
+    /// `U(-1/√d_in, 1/√d_in)`.
+    KaimingUniform,
+    /// `A ~ N(0, (1/r)²)`, PEFT's `init_lora_weights="gaussian"`.
+    Gaussian,
+}
+
+/// Configuration of LoRA adapters: rank, alpha, dropout, init and target modules.
+///
+/// Field names and meanings follow PEFT's `LoraConfig` (`r`, `lora_alpha`, `lora_dropout`,
+/// `use_rslora`, `init_lora_weights`, `target_modules`).
+///
+/// ```no_run
+/// use burn_lora::{LoraConfig, Targets};
+///
+/// let config = LoraConfig::new(8)
+///     .with_alpha(Some(16.0))
+///     .with_dropout(0.05)
+///     .with_targets(Targets::attention());
+/// # let _ = config;
+/// ```
+#[derive(Config, Debug)]
+pub struct LoraConfig {
+    /// The rank `r` of each update `A·B`; 4 to 32 is the usual range.
+    pub rank: usize,
+    /// The numerator of the scale `alpha / r`. `None` means alpha = rank, a scale of 1.
+    #[config(default = "None")]
+    pub alpha: Option<f64>,
+    /// Dropout probability on the adapter input, in `[0, 1)`. Used on the activation path of
+    /// [`LoraLinear`](crate::LoraLinear) only.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// rsLoRA: scale by `alpha / √r` instead of `alpha / r`, which keeps high ranks learning.
+    #[config(default = false)]
+    pub use_rslora: bool,
+    /// How `A` is initialised.
+    #[config(default = "LoraInit::KaimingUniform")]
+    pub init: LoraInit,
+    /// The modules that get adapters.
+    #[config(default = "Targets::attention()")]
+    pub targets: Targets,
+    /// Accept targets that match nothing instead of failing with
+    /// [`LoraError::UnmatchedTarget`].
+    #[config(default = false)]
+    pub allow_unmatched_targets: bool,
+}
+
+impl LoraConfig {
+    /// The alpha in force: the configured one, or the rank.
+    pub fn effective_alpha(&self) -> f64 {
+        self.alpha.unwrap_or(self.rank as f64)
+    }
+
+    /// The factor applied to `A·B`: `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        let rank = self.rank as f64;
+        match self.use_rslora {
+            true => self.effective_alpha() / rank.sqrt(),
+            false => self.effective_alpha() / rank,
+        }
+    }
+
+    /// Check the values that do not depend on the model.
+    pub fn validate(&self) -> Result<(), LoraError> {
+        if self.rank == 0 {
+            return Err(LoraError::ZeroRank);
+        }
+        let alpha = self.effective_alpha();
+        if !alpha.is_finite() || alpha <= 0.0 {
+            return Err(LoraError::InvalidAlpha { alpha });
+        }
+        if !self.dropout.is_finite() || !(0.0..1.0).contains(&self.dropout) {
+            return Err(LoraError::InvalidDropout {
+                dropout: self.dropout,
+            });
+        }
+        if self.targets.include.is_empty() {
+            return Err(LoraError::NoTargets);
+        }
+        Ok(())
+    }
+
+    /// What [`apply`](Self::apply) would do, without changing the model: the matched layers
+    /// with their shapes, ranks and alphas, and the parameter counts.
+    pub fn plan<M: Module>(&self, model: &M) -> Result<LoraReport, LoraError> {
+        apply::plan(self, model)
+    }
+
+    /// Freeze every base parameter of `model` and attach an adapter named `"default"` to each
+    /// targeted linear weight.
+    ///
+    /// Returns the adapted model and a report of what was adapted. The model's output is
+    /// unchanged until the adapters train, since `B` starts at zero.
+    ///
+    /// # Errors
+    ///
+    /// An invalid config ([`validate`](Self::validate)), a target that matches nothing, a rank
+    /// larger than a target allows, or a model that already carries adapters.
+    pub fn apply<M: Module>(&self, model: M) -> Result<(M, LoraReport), LoraError> {
+        apply::attach(self, model)
+    }
+}

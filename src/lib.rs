@@ -1,0 +1,77 @@
+#![warn(missing_docs)]
+//! # burn-lora
+//!
+//! LoRA (low-rank adaptation) for models written with [Burn](https://burn.dev).
+//!
+//! LoRA freezes every pretrained weight `W: [d_in, d_out]` and learns a low-rank update beside
+//! it, `ΔW = s·A·B` with `A: [d_in, r]`, `B: [r, d_out]` and `r` small. `B` starts at zero, so
+//! the adapted model starts exactly equal to the base. Training touches only `A` and `B`; for
+//! inference the update can be merged into `W`, which then costs exactly the plain layer.
+//!
+//! ## Concepts (PEFT's vocabulary)
+//!
+//! - **rank** `r`: the inner size of `A·B`; 4 to 32 is usual.
+//! - **alpha**: sets the scale `s = alpha / r` (`alpha / √r` with rsLoRA).
+//! - **targets**: which modules get adapters, by module path ([`Targets`]).
+//! - **adapter**: one named pair `(A, B)` on a weight ([`LoraAdapter`]), stored as Burn's
+//!   reparameterization on the weight's `Param` ([`LoraState`]), so any Burn model can be
+//!   adapted without changing its code.
+//! - **merge / unmerge**: fold `s·A·B` into `W` and take it back out ([`LoraModule`]).
+//!
+//! ## Example
+//!
+//! ```
+//! use burn::nn::{Linear, LinearConfig};
+//! use burn::prelude::*;
+//! use burn_lora::{LoraConfig, LoraLinear, LoraModule, Targets};
+//!
+//! #[derive(Module, Debug)]
+//! struct Attention {
+//!     query: LoraLinear, // the fast path
+//!     value: Linear,     // a plain Burn layer works too, composing densely
+//! }
+//!
+//! # fn main() -> Result<(), burn_lora::LoraError> {
+//! let device = Device::default();
+//! let model = Attention {
+//!     query: LinearConfig::new(64, 64).init(&device).into(),
+//!     value: LinearConfig::new(64, 64).init(&device),
+//! };
+//! let config = LoraConfig::new(8)
+//!     .with_alpha(Some(16.0))
+//!     .with_targets(Targets::attention_qv());
+//! let (model, report) = config.apply(model)?; // base frozen, adapter "default" attached
+//! println!("{report}");
+//! assert_eq!(report.trainable_params(), 2 * 8 * (64 + 64));
+//!
+//! // ... train with Burn's autodiff and an optimizer ...
+//!
+//! let merged = model.merge_lora()?; // W += s·A·B: no added latency
+//! let model = merged.unmerge_lora()?; // and back out, within float tolerance
+//! let plain = model.merge_and_unload_lora()?; // fine-tuned weights, no adapters left
+//! assert!(plain.lora_adapters().is_empty());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Backends
+//!
+//! burn-lora runs on every Burn device. Its Cargo features pick the backends compiled in:
+//! `flex` (default, CPU), `ndarray` (CPU, deprecated upstream) and `wgpu` (GPU, or Mesa's
+//! lavapipe on CPU). `Device::default()` picks one, and `BURN_DEVICE` overrides it.
+
+mod adapter;
+mod apply;
+mod config;
+mod error;
+mod linear;
+mod report;
+mod targets;
+
+pub use adapter::{DEFAULT_ADAPTER, LoraAdapter, LoraState};
+pub use apply::{AdapterInfo, LoraModule};
+pub use config::{LoraConfig, LoraInit};
+pub use error::LoraError;
+pub use linear::{LoraLinear, LoraLinearConfig};
+pub use report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
+pub use targets::{Target, Targets};

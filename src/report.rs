@@ -1,0 +1,225 @@
+//! What [`LoraConfig::plan`](crate::LoraConfig::plan) and
+//! [`LoraConfig::apply`](crate::LoraConfig::apply) report: the adapted layers and the counts.
+
+use core::fmt;
+
+/// One linear layer that gets (or got) an adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptedLayer {
+    /// Module path of the layer, e.g. `encoder.layers.0.mha.query`.
+    pub path: String,
+    /// The layer's type, e.g. `Linear` or `LoraLinear`.
+    pub module_type: String,
+    /// Input features of the weight.
+    pub d_in: usize,
+    /// Output features of the weight.
+    pub d_out: usize,
+    /// Rank of the adapter.
+    pub rank: usize,
+    /// Alpha of the adapter.
+    pub alpha: f64,
+    /// Whether the layer takes the activation path ([`LoraLinear`](crate::LoraLinear)) rather
+    /// than composing a dense weight on every forward.
+    pub fast_path: bool,
+}
+
+impl AdaptedLayer {
+    /// Values in the frozen weight, `d_in · d_out`.
+    pub fn weight_params(&self) -> usize {
+        self.d_in * self.d_out
+    }
+
+    /// Values the adapter trains, `rank · (d_in + d_out)`.
+    pub fn adapter_params(&self) -> usize {
+        self.rank * (self.d_in + self.d_out)
+    }
+}
+
+/// What one entry of the targets matched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetMatch {
+    /// The target, as written.
+    pub target: String,
+    /// Module paths of the linear layers it matched.
+    pub matched: Vec<String>,
+}
+
+/// A module a target named that LoRA does not adapt (an embedding, a norm, a bias...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkippedModule {
+    /// Module path.
+    pub path: String,
+    /// The module's type.
+    pub module_type: String,
+    /// Why it was left alone.
+    pub reason: String,
+}
+
+/// The outcome of a LoRA plan: which layers are adapted and what that costs.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LoraReport {
+    /// The adapted layers, in module order.
+    pub layers: Vec<AdaptedLayer>,
+    /// What each target matched.
+    pub targets: Vec<TargetMatch>,
+    /// Modules a target named that were not adapted, with the reason.
+    pub skipped: Vec<SkippedModule>,
+    /// Parameters of the model before adapters were attached.
+    pub base_params: usize,
+}
+
+impl LoraReport {
+    /// Values the adapters train.
+    pub fn trainable_params(&self) -> usize {
+        self.layers.iter().map(AdaptedLayer::adapter_params).sum()
+    }
+
+    /// Values in the weights that carry adapters.
+    pub fn adapted_weight_params(&self) -> usize {
+        self.layers.iter().map(AdaptedLayer::weight_params).sum()
+    }
+
+    /// Parameters of the adapted model: the base plus the adapters.
+    pub fn total_params(&self) -> usize {
+        self.base_params + self.trainable_params()
+    }
+
+    /// Trainable share of all parameters, in percent (PEFT's `trainable%`).
+    pub fn trainable_percent(&self) -> f64 {
+        percent(self.trainable_params(), self.total_params())
+    }
+
+    /// How much smaller the adapters are than the weights they adapt, in percent: -85.9 for a
+    /// rank-8 adapter on a 512×64 weight.
+    pub fn change_vs_adapted_weights(&self) -> f64 {
+        percent(self.trainable_params(), self.adapted_weight_params()) - 100.0
+    }
+
+    /// Targets that matched no linear layer.
+    pub fn unmatched_targets(&self) -> impl Iterator<Item = &TargetMatch> {
+        self.targets
+            .iter()
+            .filter(|target| target.matched.is_empty())
+    }
+}
+
+fn percent(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub(crate) fn thousands(value: usize) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+impl fmt::Display for LoraReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path_width = self
+            .layers
+            .iter()
+            .map(|layer| layer.path.len())
+            .chain([4])
+            .max()
+            .unwrap_or(4);
+        writeln!(
+            f,
+            "{:<path_width$}  {:<10}  {:>12}  {:>4}  {:>6}  {:>10}  path",
+            "layer", "type", "weight", "rank", "alpha", "trainable"
+        )?;
+        for layer in &self.layers {
+            writeln!(
+                f,
+                "{:<path_width$}  {:<10}  {:>12}  {:>4}  {:>6}  {:>10}  {}",
+                layer.path,
+                layer.module_type,
+                format!("[{}, {}]", layer.d_in, layer.d_out),
+                layer.rank,
+                layer.alpha,
+                thousands(layer.adapter_params()),
+                if layer.fast_path { "fast" } else { "dense" },
+            )?;
+        }
+        for target in &self.targets {
+            writeln!(
+                f,
+                "target {} matched {} layer(s)",
+                target.target,
+                target.matched.len()
+            )?;
+        }
+        for skipped in &self.skipped {
+            writeln!(
+                f,
+                "skipped {} ({}): {}",
+                skipped.path, skipped.module_type, skipped.reason
+            )?;
+        }
+        writeln!(
+            f,
+            "adapters: {} trainable params vs {} in the adapted weights ({:+.1}%)",
+            thousands(self.trainable_params()),
+            thousands(self.adapted_weight_params()),
+            self.change_vs_adapted_weights()
+        )?;
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(self.trainable_params()),
+            thousands(self.total_params()),
+            self.trainable_percent()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(d_in: usize, d_out: usize, rank: usize) -> AdaptedLayer {
+        AdaptedLayer {
+            path: "proj".into(),
+            module_type: "Linear".into(),
+            d_in,
+            d_out,
+            rank,
+            alpha: rank as f64,
+            fast_path: false,
+        }
+    }
+
+    #[test]
+    fn the_seed_example_counts_4608_of_32768() {
+        let report = LoraReport {
+            layers: vec![layer(512, 64, 8)],
+            targets: vec![],
+            skipped: vec![],
+            base_params: 512 * 64,
+        };
+        assert_eq!(report.trainable_params(), 4_608);
+        assert_eq!(report.adapted_weight_params(), 32_768);
+        assert!((report.change_vs_adapted_weights() - (-85.9375)).abs() < 1e-9);
+        let text = report.to_string();
+        assert!(text.contains("4,608 trainable params vs 32,768"), "{text}");
+        assert!(text.contains("(-85.9%)"), "{text}");
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(12_345_678), "12,345,678");
+    }
+}

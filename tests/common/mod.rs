@@ -1,0 +1,255 @@
+//! Helpers shared by the integration tests: the devices to run on, naive reference math, and
+//! ways to read and set parameters by path.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::prelude::*;
+use burn::tensor::{Distribution, TensorData};
+
+/// Every backend this build can run: flex and ndarray always, wgpu with `--features wgpu`.
+#[allow(deprecated)] // ndarray is deprecated upstream, and still tested here
+pub fn devices() -> Vec<(&'static str, Device)> {
+    #[allow(unused_mut)] // pushed to with `--features wgpu`
+    let mut devices = vec![("flex", Device::flex()), ("ndarray", Device::ndarray())];
+    #[cfg(feature = "wgpu")]
+    devices.push((
+        "wgpu",
+        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+    ));
+    devices
+}
+
+/// Every float parameter of `model` by path, adapter factors included, as f64 host values.
+pub fn values<M: Module>(model: &M) -> BTreeMap<String, HostTensor> {
+    struct Reader {
+        stack: Vec<String>,
+        values: BTreeMap<String, HostTensor>,
+    }
+    impl ModuleVisitor for Reader {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.values
+                .insert(self.stack.join("."), HostTensor::from(param.val()));
+        }
+    }
+    let mut reader = Reader {
+        stack: Vec::new(),
+        values: BTreeMap::new(),
+    };
+    model.visit(&mut reader);
+    reader.values
+}
+
+/// The id of every float parameter by path, adapter factors included.
+pub fn param_ids<M: Module>(model: &M) -> BTreeMap<String, ParamId> {
+    struct Reader {
+        stack: Vec<String>,
+        ids: BTreeMap<String, ParamId>,
+    }
+    impl ModuleVisitor for Reader {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.ids.insert(self.stack.join("."), param.id);
+        }
+    }
+    let mut reader = Reader {
+        stack: Vec::new(),
+        ids: BTreeMap::new(),
+    };
+    model.visit(&mut reader);
+    reader.ids
+}
+
+/// The raw data of every base parameter (adapter factors left out), for bit-exact comparisons.
+pub fn base_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
+    struct Reader {
+        stack: Vec<String>,
+        values: BTreeMap<String, TensorData>,
+    }
+    impl ModuleVisitor for Reader {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let path = self.stack.join(".");
+            if !path.contains(".lora.") {
+                self.values.insert(path, param.val().into_data());
+            }
+        }
+    }
+    let mut reader = Reader {
+        stack: Vec::new(),
+        values: BTreeMap::new(),
+    };
+    model.visit(&mut reader);
+    reader.values
+}
+
+/// Replace every adapter factor whose path ends in `suffix` (`lora_a` or `lora_b`) with values
+/// drawn from N(0, std²), keeping its id. Shows that Burn's mappers reach adapter state.
+pub fn randomize<M: Module>(model: M, suffix: &str, std: f64) -> M {
+    set_factors(model, suffix, Some(std), 0.0)
+}
+
+/// Fill every adapter factor whose path ends in `suffix` with `value`.
+pub fn fill<M: Module>(model: M, suffix: &str, value: f64) -> M {
+    set_factors(model, suffix, None, value)
+}
+
+fn set_factors<M: Module>(model: M, suffix: &str, std: Option<f64>, value: f64) -> M {
+    struct Randomizer<'a> {
+        stack: Vec<String>,
+        suffix: &'a str,
+        std: Option<f64>,
+        value: f64,
+    }
+    impl ModuleMapper for Randomizer<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if self.stack.last().map(String::as_str) != Some(self.suffix) {
+                return param;
+            }
+            let (std, value) = (self.std, self.value);
+            param.map(|tensor| {
+                let require_grad = tensor.is_require_grad();
+                let replaced = match std {
+                    Some(std) => tensor.random_like(Distribution::Normal(0.0, std)),
+                    None => tensor.full_like(value),
+                };
+                replaced.set_require_grad(require_grad)
+            })
+        }
+    }
+    model.map(&mut Randomizer {
+        stack: Vec::new(),
+        suffix,
+        std,
+        value,
+    })
+}
+
+/// A tensor copied to the host in f64, with its shape: the ground truth side of the tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub dims: Vec<usize>,
+    pub values: Vec<f64>,
+}
+
+impl<const D: usize> From<Tensor<D>> for HostTensor {
+    fn from(tensor: Tensor<D>) -> Self {
+        let dims = tensor.dims().to_vec();
+        let values = tensor
+            .into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .expect("f64 data");
+        Self { dims, values }
+    }
+}
+
+impl HostTensor {
+    /// `self · other` for `[n, k] · [k, m]`, with plain loops in f64.
+    pub fn matmul(&self, other: &HostTensor) -> HostTensor {
+        let (n, k) = (self.dims[0], self.dims[1]);
+        let m = other.dims[1];
+        assert_eq!(other.dims[0], k, "inner dims");
+        let mut values = vec![0.0; n * m];
+        for i in 0..n {
+            for p in 0..k {
+                let left = self.values[i * k + p];
+                for j in 0..m {
+                    values[i * m + j] += left * other.values[p * m + j];
+                }
+            }
+        }
+        HostTensor {
+            dims: vec![n, m],
+            values,
+        }
+    }
+
+    pub fn add(&self, other: &HostTensor) -> HostTensor {
+        assert_eq!(self.dims, other.dims);
+        self.zip(other, |a, b| a + b)
+    }
+
+    pub fn scale(&self, factor: f64) -> HostTensor {
+        HostTensor {
+            dims: self.dims.clone(),
+            values: self.values.iter().map(|v| v * factor).collect(),
+        }
+    }
+
+    /// Add a `[m]` bias to every row of `[n, m]`.
+    pub fn add_row(&self, bias: &HostTensor) -> HostTensor {
+        let m = *self.dims.last().unwrap();
+        assert_eq!(bias.values.len(), m);
+        HostTensor {
+            dims: self.dims.clone(),
+            values: self
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + bias.values[i % m])
+                .collect(),
+        }
+    }
+
+    fn zip(&self, other: &HostTensor, f: impl Fn(f64, f64) -> f64) -> HostTensor {
+        HostTensor {
+            dims: self.dims.clone(),
+            values: self
+                .values
+                .iter()
+                .zip(&other.values)
+                .map(|(a, b)| f(*a, *b))
+                .collect(),
+        }
+    }
+
+    /// The largest `|a - b| / max(|b|, floor)`: relative error with a floor for tiny values.
+    pub fn max_relative_error(&self, expected: &HostTensor, floor: f64) -> f64 {
+        assert_eq!(self.dims, expected.dims, "shapes differ");
+        self.values
+            .iter()
+            .zip(&expected.values)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(floor))
+            .fold(0.0, f64::max)
+    }
+
+    /// `max|a - b| / max|b|`: the error measured against the output's own scale.
+    pub fn error_vs_max(&self, expected: &HostTensor) -> f64 {
+        assert_eq!(self.dims, expected.dims, "shapes differ");
+        let worst = self
+            .values
+            .iter()
+            .zip(&expected.values)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        worst / expected.max_abs().max(f64::MIN_POSITIVE)
+    }
+
+    pub fn max_abs(&self) -> f64 {
+        self.values.iter().fold(0.0, |m, v| m.max(v.abs()))
+    }
+}
