@@ -152,14 +152,51 @@ pub(crate) fn plan<M: Module>(config: &LoraConfig, model: &M) -> Result<LoraRepo
 }
 
 fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraError> {
+    let targets = config.targets.compile()?;
+    let rank_patterns = config
+        .rank_pattern
+        .iter()
+        .map(|pattern| Ok((pattern.target.compile()?, pattern.rank)))
+        .collect::<Result<Vec<_>, LoraError>>()?;
+    let alpha_patterns = config
+        .alpha_pattern
+        .iter()
+        .map(|pattern| Ok((pattern.target.compile()?, pattern.alpha)))
+        .collect::<Result<Vec<_>, LoraError>>()?;
+
+    // Every pattern the user wrote, in one list, so each can be reported and checked alike:
+    // the targets, then the rank patterns, then the alpha patterns.
+    let mut patterns: Vec<(&Target, String)> = config
+        .targets
+        .include
+        .iter()
+        .map(|target| (target, target.label()))
+        .collect();
+    let rank_offset = patterns.len();
+    patterns.extend(config.rank_pattern.iter().map(|pattern| {
+        let label = format!(
+            "rank_pattern {} (r={})",
+            pattern.target.label(),
+            pattern.rank
+        );
+        (&pattern.target, label)
+    }));
+    let alpha_offset = patterns.len();
+    patterns.extend(config.alpha_pattern.iter().map(|pattern| {
+        let label = format!(
+            "alpha_pattern {} (alpha={})",
+            pattern.target.label(),
+            pattern.alpha
+        );
+        (&pattern.target, label)
+    }));
+
     let mut report = LoraReport {
         base_params: survey.base_params,
-        targets: config
-            .targets
-            .include
+        targets: patterns
             .iter()
-            .map(|target| TargetMatch {
-                target: target.label(),
+            .map(|(_, label)| TargetMatch {
+                target: label.clone(),
                 matched: Vec::new(),
             })
             .collect(),
@@ -168,18 +205,11 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
 
     for site in &survey.params {
         let module_path = site.module_path();
-        let hits: Vec<usize> = config
-            .targets
-            .include
-            .iter()
-            .enumerate()
-            .filter(|(_, target)| target.matches(module_path))
-            .map(|(index, _)| index)
-            .collect();
-        if hits.is_empty() {
+        let is_linear = site.is_linear_weight();
+        let Some(hits) = targets.included_by(module_path, is_linear) else {
             continue;
-        }
-        if !site.is_linear_weight() {
+        };
+        if !is_linear {
             // A target names this module, but it is no linear weight (a bias, an embedding, a
             // norm...). Say so once per module rather than adapting it.
             if !report.skipped.iter().any(|s| s.path == module_path) {
@@ -191,8 +221,28 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
             }
             continue;
         }
+        let mut matched = hits;
+        let rank = match rank_patterns
+            .iter()
+            .position(|(target, _)| target.matches(module_path, true))
+        {
+            Some(index) => {
+                matched.push(rank_offset + index);
+                rank_patterns[index].1
+            }
+            None => config.rank,
+        };
+        let alpha = match alpha_patterns
+            .iter()
+            .position(|(target, _)| target.matches(module_path, true))
+        {
+            Some(index) => {
+                matched.push(alpha_offset + index);
+                alpha_patterns[index].1
+            }
+            None => config.effective_alpha(),
+        };
         let (d_in, d_out) = (site.dims[0], site.dims[1]);
-        let rank = config.rank;
         if rank > d_in.min(d_out) {
             return Err(LoraError::RankTooLarge {
                 path: module_path.to_string(),
@@ -202,7 +252,7 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
                 d_out,
             });
         }
-        for index in hits {
+        for index in matched {
             report.targets[index].matched.push(module_path.to_string());
         }
         report.layers.push(AdaptedLayer {
@@ -211,11 +261,11 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
             d_in,
             d_out,
             rank,
-            alpha: config.effective_alpha(),
+            alpha,
             fast_path: site.owner == "LoraLinear",
         });
     }
-    // Skipped entries whose module was also adapted (its weight) are not skips.
+    // A module whose weight was adapted is not a skip, even if its bias was named too.
     let adapted: Vec<String> = report.layers.iter().map(|l| l.path.clone()).collect();
     report
         .skipped
@@ -226,7 +276,7 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
     {
         return Err(LoraError::UnmatchedTarget {
             target: report.targets[index].target.clone(),
-            candidates: nearest_linear_paths(&config.targets.include[index], survey),
+            candidates: nearest_linear_paths(patterns[index].0, survey),
         });
     }
     Ok(report)
@@ -335,7 +385,7 @@ impl Reparameterizer for Attach<'_> {
         let adapter = LoraAdapter {
             lora_a: Param::from_tensor(lora_a),
             lora_b: Param::from_tensor(lora_b),
-            scale: self.config.scale(),
+            scale: self.config.scale_for(rank, layer.alpha),
             alpha: layer.alpha,
             dropout: DropoutConfig::new(self.config.dropout).init(),
             name: DEFAULT_ADAPTER.to_string(),

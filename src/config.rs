@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::Module;
 
-use crate::{LoraError, LoraReport, Targets, apply};
+use crate::{LoraError, LoraReport, Target, Targets, apply};
 
 /// How the adapter factors start. `B` always starts at zero, so the adapted model starts equal
 /// to the base.
@@ -14,6 +14,24 @@ pub enum LoraInit {
     KaimingUniform,
     /// `A ~ N(0, (1/r)²)`, PEFT's `init_lora_weights="gaussian"`.
     Gaussian,
+}
+
+/// A rank for the modules one target selects: an entry of PEFT's `rank_pattern`.
+#[derive(Config, Debug, PartialEq)]
+pub struct RankPattern {
+    /// The modules it applies to: a name (exact or dotted suffix) or a whole-path regex.
+    pub target: Target,
+    /// Their rank.
+    pub rank: usize,
+}
+
+/// An alpha for the modules one target selects: an entry of PEFT's `alpha_pattern`.
+#[derive(Config, Debug, PartialEq)]
+pub struct AlphaPattern {
+    /// The modules it applies to: a name (exact or dotted suffix) or a whole-path regex.
+    pub target: Target,
+    /// Their alpha.
+    pub alpha: f64,
 }
 
 /// Configuration of LoRA adapters: rank, alpha, dropout, init and target modules.
@@ -50,7 +68,13 @@ pub struct LoraConfig {
     /// The modules that get adapters.
     #[config(default = "Targets::attention()")]
     pub targets: Targets,
-    /// Accept targets that match nothing instead of failing with
+    /// Per-module ranks that override `rank`; the first entry that matches a module wins.
+    #[config(default = "Vec::new()")]
+    pub rank_pattern: Vec<RankPattern>,
+    /// Per-module alphas that override `alpha`; the first entry that matches a module wins.
+    #[config(default = "Vec::new()")]
+    pub alpha_pattern: Vec<AlphaPattern>,
+    /// Accept targets (and rank or alpha patterns) that match nothing instead of failing with
     /// [`LoraError::UnmatchedTarget`].
     #[config(default = false)]
     pub allow_unmatched_targets: bool,
@@ -64,10 +88,15 @@ impl LoraConfig {
 
     /// The factor applied to `A·B`: `alpha / r`, or `alpha / √r` with rsLoRA.
     pub fn scale(&self) -> f64 {
-        let rank = self.rank as f64;
+        self.scale_for(self.rank, self.effective_alpha())
+    }
+
+    /// The scale of an adapter with this rank and alpha, under this config's rsLoRA setting.
+    pub fn scale_for(&self, rank: usize, alpha: f64) -> f64 {
+        let rank = rank as f64;
         match self.use_rslora {
-            true => self.effective_alpha() / rank.sqrt(),
-            false => self.effective_alpha() / rank,
+            true => alpha / rank.sqrt(),
+            false => alpha / rank,
         }
     }
 
@@ -88,6 +117,21 @@ impl LoraConfig {
         if self.targets.include.is_empty() {
             return Err(LoraError::NoTargets);
         }
+        for pattern in &self.rank_pattern {
+            if pattern.rank == 0 {
+                return Err(LoraError::ZeroRank);
+            }
+            pattern.target.compile()?;
+        }
+        for pattern in &self.alpha_pattern {
+            if !pattern.alpha.is_finite() || pattern.alpha <= 0.0 {
+                return Err(LoraError::InvalidAlpha {
+                    alpha: pattern.alpha,
+                });
+            }
+            pattern.target.compile()?;
+        }
+        self.targets.compile()?;
         Ok(())
     }
 

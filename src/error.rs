@@ -43,6 +43,15 @@ pub enum LoraError {
         dropout: f64,
     },
 
+    /// A [`Target::Regex`](crate::Target::Regex) does not compile.
+    #[error("target regex /{pattern}/ is invalid: {message}")]
+    InvalidRegex {
+        /// The pattern as written.
+        pattern: String,
+        /// What the regex parser said.
+        message: String,
+    },
+
     /// The configuration names no target at all.
     #[error("the LoRA config has no target modules")]
     NoTargets,

@@ -65,13 +65,14 @@ mod apply;
 mod config;
 mod error;
 mod linear;
+pub mod nn;
 mod report;
 mod targets;
 
 pub use adapter::{DEFAULT_ADAPTER, LoraAdapter, LoraState};
 pub use apply::{AdapterInfo, LoraModule};
-pub use config::{LoraConfig, LoraInit};
+pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern};
 pub use error::LoraError;
 pub use linear::{LoraLinear, LoraLinearConfig};
 pub use report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
-pub use targets::{Target, Targets};
+pub use targets::{CompiledTarget, CompiledTargets, Target, Targets, layer_index};
