@@ -151,8 +151,9 @@ fn batch(shift: i64, device: &Device) -> (Tensor<2, Int>, Tensor<1, Int>) {
     (inputs, targets)
 }
 
-fn accuracy(model: &Gpt, shift: i64, device: &Device) -> f32 {
-    let (inputs, targets) = batch(shift, device);
+/// Next-token accuracy on a held-out batch.
+fn accuracy(model: &Gpt, (inputs, targets): &(Tensor<2, Int>, Tensor<1, Int>)) -> f32 {
+    let (inputs, targets) = (inputs.clone(), targets.clone());
     let predicted = model.forward(inputs).argmax(1).reshape([BATCH * SEQ]);
     predicted.equal(targets).float().mean().into_scalar::<f32>()
 }
@@ -179,12 +180,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::default().autodiff();
     device.seed(0);
 
+    let held_out_a = batch(1, &device);
+    let held_out_b = batch(3, &device);
+
     println!("pretraining on task A (next = t + 1), all parameters");
     let base = train(Gpt::new(&device), 1, 200, 3e-3, &device);
     println!(
         "base accuracy: task A {:.1}%, task B {:.1}%\n",
-        100.0 * accuracy(&base, 1, &device),
-        100.0 * accuracy(&base, 3, &device)
+        100.0 * accuracy(&base, &held_out_a),
+        100.0 * accuracy(&base, &held_out_b)
     );
 
     let config = LoraConfig::new(4)
@@ -197,13 +201,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = train(model, 3, 200, 1e-2, &device);
     println!(
         "adapted accuracy: task B {:.1}%\n",
-        100.0 * accuracy(&model, 3, &device)
+        100.0 * accuracy(&model, &held_out_b)
     );
 
     let merged = model.merge_and_unload_lora()?;
     println!(
         "merged accuracy: task B {:.1}% ({} parameters, as the base)",
-        100.0 * accuracy(&merged, 3, &device),
+        100.0 * accuracy(&merged, &held_out_b),
         merged.num_params()
     );
     let path = std::env::temp_dir().join("burn-lora-custom-model-merged.bpk");
