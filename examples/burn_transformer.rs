@@ -22,7 +22,7 @@ use burn::tensor::Distribution;
 use burn_lora::nn::{TransformerEncoder, TransformerEncoderInput};
 use burn_lora::{LoraConfig, Targets};
 
-const STEPS: usize = 8;
+const STEPS: usize = 6;
 
 /// Anything with a forward over `[batch, seq, d_model]`.
 trait Encoder: Module {
@@ -65,12 +65,12 @@ fn train<M: Encoder>(mut model: M, x: &Tensor<3>, target: &Tensor<3>) -> (Vec<f3
 fn main() -> Result<(), burn_lora::LoraError> {
     let device = Device::default().autodiff();
     device.seed(0);
-    let burn_encoder = TransformerEncoderConfig::new(256, 1024, 8, 4)
+    let burn_encoder = TransformerEncoderConfig::new(512, 2048, 8, 4)
         .with_dropout(0.0)
         .init(&device);
     let ours = TransformerEncoder::from(burn_encoder.clone());
-    let x = Tensor::<3>::random([8, 64, 256], Distribution::Normal(0.0, 1.0), &device);
-    let target = Tensor::<3>::random([8, 64, 256], Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<3>::random([8, 128, 512], Distribution::Normal(0.0, 1.0), &device);
+    let target = Tensor::<3>::random([8, 128, 512], Distribution::Normal(0.0, 1.0), &device);
 
     let config = LoraConfig::new(8).with_targets(Targets::attention());
     // Burn initialises parameters lazily, from the generator that draws the adapters too: a
