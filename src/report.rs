@@ -135,7 +135,7 @@ impl fmt::Display for LoraReport {
             .unwrap_or(4);
         writeln!(
             f,
-            "{:<path_width$}  {:<10}  {:>12}  {:>4}  {:>6}  {:>10}  path",
+            "{:<path_width$}  {:<10}  {:>12}  {:>4}  {:>6}  {:>10}  compute",
             "layer", "type", "weight", "rank", "alpha", "trainable"
         )?;
         for layer in &self.layers {

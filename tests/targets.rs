@@ -111,8 +111,14 @@ fn nested_containers_get_their_paths() {
     assert!(types.contains(&("pair.1", "Linear")));
 
     // Applying attaches an adapter at exactly the planned paths.
-    let (adapted, report) = config(Targets::all_linear()).apply(model(&Device::flex())).unwrap();
-    let mut attached: Vec<String> = adapted.lora_adapters().into_iter().map(|i| i.path).collect();
+    let (adapted, report) = config(Targets::all_linear())
+        .apply(model(&Device::flex()))
+        .unwrap();
+    let mut attached: Vec<String> = adapted
+        .lora_adapters()
+        .into_iter()
+        .map(|i| i.path)
+        .collect();
     let mut planned: Vec<String> = report.layers.into_iter().map(|l| l.path).collect();
     attached.sort();
     planned.sort();
