@@ -9,60 +9,26 @@
 //! low-rank change of its query and value projections, and the adapters learn that change.
 
 use burn::module::Module;
+use burn::nn::attention::MultiHeadAttentionConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::activation::{gelu, softmax};
-use burn_lora::{LoraConfig, LoraLinear, LoraModule, Targets};
+use burn::tensor::activation::gelu;
+use burn_lora::nn::{MhaInput, MultiHeadAttention};
+use burn_lora::{LoraConfig, LoraModule, Targets};
 
 const D_MODEL: usize = 64;
 const HEADS: usize = 4;
 const SEQ: usize = 16;
 const BATCH: usize = 16;
 
-/// Multi-head self-attention whose projections are `LoraLinear`: adapters run on the fast path.
-#[derive(Module, Debug)]
-struct SelfAttention {
-    query: LoraLinear,
-    key: LoraLinear,
-    value: LoraLinear,
-    output: LoraLinear,
-}
-
-impl SelfAttention {
-    fn new(device: &Device) -> Self {
-        let projection = || LinearConfig::new(D_MODEL, D_MODEL).init(device).into();
-        Self {
-            query: projection(),
-            key: projection(),
-            value: projection(),
-            output: projection(),
-        }
-    }
-
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let heads = |t: Tensor<3>| {
-            t.reshape([BATCH, SEQ, HEADS, D_MODEL / HEADS])
-                .swap_dims(1, 2)
-        };
-        let q = heads(self.query.forward(x.clone()));
-        let k = heads(self.key.forward(x.clone()));
-        let v = heads(self.value.forward(x));
-        let scale = ((D_MODEL / HEADS) as f64).sqrt();
-        let weights = softmax(q.matmul(k.swap_dims(2, 3)).div_scalar(scale), 3);
-        let attended = weights
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([BATCH, SEQ, D_MODEL]);
-        self.output.forward(attended)
-    }
-}
-
-/// A pre-norm-free transformer block: attention and a feed-forward layer, with residuals.
+/// A transformer block without norms: attention and a feed-forward layer, with residuals.
+/// The attention is burn-lora's LoRA-ready version of Burn's block, so its adapters run on the
+/// fast path; the feed-forward layers are plain Burn `Linear`s and stay frozen.
 #[derive(Module, Debug)]
 struct Block {
-    attention: SelfAttention,
+    attention: MultiHeadAttention,
     up: Linear,
     down: Linear,
 }
@@ -70,14 +36,17 @@ struct Block {
 impl Block {
     fn new(device: &Device) -> Self {
         Self {
-            attention: SelfAttention::new(device),
+            attention: MultiHeadAttentionConfig::new(D_MODEL, HEADS)
+                .with_dropout(0.0)
+                .init(device)
+                .into(),
             up: LinearConfig::new(D_MODEL, 4 * D_MODEL).init(device),
             down: LinearConfig::new(4 * D_MODEL, D_MODEL).init(device),
         }
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attention.forward(x);
+        let x = x.clone() + self.attention.forward(MhaInput::self_attn(x)).context;
         x.clone() + self.down.forward(gelu(self.up.forward(x)))
     }
 }

@@ -17,6 +17,7 @@ use burn::nn::DropoutConfig;
 use burn::tensor::{DType, Distribution, FloatDType, Tensor};
 
 use crate::adapter::detaching::detach_states;
+use crate::targets::CompiledTarget;
 use crate::{
     AdaptedLayer, DEFAULT_ADAPTER, LoraAdapter, LoraConfig, LoraError, LoraInit, LoraReport,
     LoraState, SkippedModule, Target, TargetMatch,
@@ -222,23 +223,17 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
             continue;
         }
         let mut matched = hits;
-        let rank = match rank_patterns
-            .iter()
-            .position(|(target, _)| target.matches(module_path, true))
-        {
-            Some(index) => {
+        let rank = match first_match(&rank_patterns, module_path) {
+            Some((index, rank)) => {
                 matched.push(rank_offset + index);
-                rank_patterns[index].1
+                rank
             }
             None => config.rank,
         };
-        let alpha = match alpha_patterns
-            .iter()
-            .position(|(target, _)| target.matches(module_path, true))
-        {
-            Some(index) => {
+        let alpha = match first_match(&alpha_patterns, module_path) {
+            Some((index, alpha)) => {
                 matched.push(alpha_offset + index);
-                alpha_patterns[index].1
+                alpha
             }
             None => config.effective_alpha(),
         };
@@ -280,6 +275,15 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
         });
     }
     Ok(report)
+}
+
+/// The first override whose target selects the linear layer at `path`, with its index.
+fn first_match<T: Copy>(overrides: &[(CompiledTarget, T)], path: &str) -> Option<(usize, T)> {
+    overrides
+        .iter()
+        .enumerate()
+        .find(|(_, (target, _))| target.matches(path, true))
+        .map(|(index, (_, value))| (index, *value))
 }
 
 /// Up to five linear-layer paths, the ones whose last segment is closest to the target first.

@@ -21,62 +21,11 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     devices
 }
 
-/// Every float parameter of `model` by path, adapter factors included, as f64 host values.
-pub fn values<M: Module>(model: &M) -> BTreeMap<String, HostTensor> {
+/// Every float parameter of `model`, adapter factors included: path, id and stored data.
+fn params<M: Module>(model: &M) -> Vec<(String, ParamId, TensorData)> {
     struct Reader {
         stack: Vec<String>,
-        values: BTreeMap<String, HostTensor>,
-    }
-    impl ModuleVisitor for Reader {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.values
-                .insert(self.stack.join("."), HostTensor::from(param.val()));
-        }
-    }
-    let mut reader = Reader {
-        stack: Vec::new(),
-        values: BTreeMap::new(),
-    };
-    model.visit(&mut reader);
-    reader.values
-}
-
-/// The id of every float parameter by path, adapter factors included.
-pub fn param_ids<M: Module>(model: &M) -> BTreeMap<String, ParamId> {
-    struct Reader {
-        stack: Vec<String>,
-        ids: BTreeMap<String, ParamId>,
-    }
-    impl ModuleVisitor for Reader {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.ids.insert(self.stack.join("."), param.id);
-        }
-    }
-    let mut reader = Reader {
-        stack: Vec::new(),
-        ids: BTreeMap::new(),
-    };
-    model.visit(&mut reader);
-    reader.ids
-}
-
-/// The raw data of every base parameter (adapter factors left out), for bit-exact comparisons.
-pub fn base_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
-    struct Reader {
-        stack: Vec<String>,
-        values: BTreeMap<String, TensorData>,
+        params: Vec<(String, ParamId, TensorData)>,
     }
     impl ModuleVisitor for Reader {
         fn enter_module(&mut self, name: &str, _: &str) {
@@ -87,17 +36,40 @@ pub fn base_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let path = self.stack.join(".");
-            if !path.contains(".lora.") {
-                self.values.insert(path, param.val().into_data());
-            }
+            self.params.push((path, param.id, param.val().into_data()));
         }
     }
     let mut reader = Reader {
         stack: Vec::new(),
-        values: BTreeMap::new(),
+        params: Vec::new(),
     };
     model.visit(&mut reader);
-    reader.values
+    reader.params
+}
+
+/// Every float parameter of `model` by path, adapter factors included, as f64 host values.
+pub fn values<M: Module>(model: &M) -> BTreeMap<String, HostTensor> {
+    params(model)
+        .into_iter()
+        .map(|(path, _, data)| (path, HostTensor::from(data)))
+        .collect()
+}
+
+/// The id of every float parameter by path, adapter factors included.
+pub fn param_ids<M: Module>(model: &M) -> BTreeMap<String, ParamId> {
+    params(model)
+        .into_iter()
+        .map(|(path, id, _)| (path, id))
+        .collect()
+}
+
+/// The raw data of every base parameter (adapter factors left out), for bit-exact comparisons.
+pub fn base_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
+    params(model)
+        .into_iter()
+        .filter(|(path, _, _)| !path.contains(".lora."))
+        .map(|(path, _, data)| (path, data))
+        .collect()
 }
 
 /// Replace every adapter factor whose path ends in `suffix` (`lora_a` or `lora_b`) with values
@@ -157,9 +129,14 @@ pub struct HostTensor {
 
 impl<const D: usize> From<Tensor<D>> for HostTensor {
     fn from(tensor: Tensor<D>) -> Self {
-        let dims = tensor.dims().to_vec();
-        let values = tensor
-            .into_data()
+        Self::from(tensor.into_data())
+    }
+}
+
+impl From<TensorData> for HostTensor {
+    fn from(data: TensorData) -> Self {
+        let dims = data.shape().to_vec();
+        let values = data
             .convert::<f64>()
             .try_into_vec::<f64>()
             .expect("f64 data");
