@@ -152,12 +152,25 @@ impl fmt::Display for LoraReport {
             )?;
         }
         for target in &self.targets {
-            writeln!(
+            write!(
                 f,
                 "target {} matched {} layer(s)",
                 target.target,
                 target.matched.len()
             )?;
+            // The first few paths say what the pattern means; the table has the rest.
+            const SHOWN: usize = 3;
+            if !target.matched.is_empty() {
+                write!(
+                    f,
+                    ": {}",
+                    target.matched[..target.matched.len().min(SHOWN)].join(", ")
+                )?;
+            }
+            if target.matched.len() > SHOWN {
+                write!(f, ", and {} more", target.matched.len() - SHOWN)?;
+            }
+            writeln!(f)?;
         }
         for skipped in &self.skipped {
             writeln!(
