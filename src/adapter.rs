@@ -39,8 +39,15 @@ pub struct LoraAdapter {
     pub alpha: f64,
     /// Dropout on the adapter's input. It acts only on the activation path, in training.
     pub dropout: Dropout,
+    /// Whether the scale came from rsLoRA's `alpha / √rank` rather than `alpha / rank`.
+    pub use_rslora: bool,
     /// The adapter's name (`"default"` unless named otherwise).
     pub name: String,
+    /// Whether the adapter takes part in the forward pass. Several active adapters add up.
+    pub active: bool,
+    /// Whether `A` and `B` take gradients. Kept beside the parameters' own setting, which a
+    /// device without autodiff does not report.
+    pub trainable: bool,
     /// Whether `scale·A·B` is currently folded into the stored base weight.
     pub merged: bool,
 }
@@ -68,9 +75,24 @@ impl LoraAdapter {
         linear(hidden.mul_scalar(self.scale), self.lora_b.val(), None)
     }
 
-    /// The number of trainable values, `rank · (d_in + d_out)`.
+    /// The number of values in `A` and `B`, `rank · (d_in + d_out)`.
     pub fn num_params(&self) -> usize {
         self.lora_a.lazy_shape().num_elements() + self.lora_b.lazy_shape().num_elements()
+    }
+
+    /// The adapter with `A` and `B` taking gradients or not.
+    pub(crate) fn with_trainable(self, trainable: bool) -> Self {
+        Self {
+            lora_a: self.lora_a.set_require_grad(trainable),
+            lora_b: self.lora_b.set_require_grad(trainable),
+            trainable,
+            ..self
+        }
+    }
+
+    /// Whether the forward passes add this adapter: active and not folded into the base.
+    pub fn contributes(&self) -> bool {
+        self.active && !self.merged
     }
 }
 
@@ -83,6 +105,9 @@ impl LoraAdapter {
 pub struct LoraState {
     /// The adapters, in the order they were added.
     pub adapters: Vec<LoraAdapter>,
+    /// False while [`disable_adapters`](crate::LoraModule::disable_adapters) is in force: the
+    /// layer then computes with its base weight alone.
+    pub enabled: bool,
 }
 
 impl Reparameterization for LoraState {
@@ -92,7 +117,7 @@ impl Reparameterization for LoraState {
         if detaching::capture(self) {
             return base;
         }
-        let mut deltas = self.unmerged().map(LoraAdapter::delta);
+        let mut deltas = self.contributing().map(LoraAdapter::delta);
         let Some(first) = deltas.next() else {
             return base;
         };
@@ -103,19 +128,35 @@ impl Reparameterization for LoraState {
 }
 
 impl LoraState {
-    /// The adapters whose update is not folded into the base, which the forward passes add.
-    pub fn unmerged(&self) -> impl Iterator<Item = &LoraAdapter> {
-        self.adapters.iter().filter(|adapter| !adapter.merged)
+    /// A state holding `adapters`, enabled.
+    pub(crate) fn new(adapters: Vec<LoraAdapter>) -> Self {
+        Self {
+            adapters,
+            enabled: true,
+        }
     }
 
-    /// Add every unmerged adapter's contribution for input `x` to the base output `y`.
+    /// The adapters the forward passes add: active, unmerged, and the state enabled.
+    pub fn contributing(&self) -> impl Iterator<Item = &LoraAdapter> {
+        let enabled = self.enabled;
+        self.adapters
+            .iter()
+            .filter(move |adapter| enabled && adapter.contributes())
+    }
+
+    /// The adapter called `name`, if this weight has one.
+    pub fn adapter(&self, name: &str) -> Option<&LoraAdapter> {
+        self.adapters.iter().find(|adapter| adapter.name == name)
+    }
+
+    /// Add every contributing adapter's output for input `x` to the base output `y`.
     ///
     /// # Shapes
     ///
     /// - input: `[..., d_in]`
     /// - output: `[..., d_out]`, returned with the same shape
     pub fn forward<const D: usize>(&self, input: Tensor<D>, output: Tensor<D>) -> Tensor<D> {
-        self.unmerged().fold(output, |output, adapter| {
+        self.contributing().fold(output, |output, adapter| {
             output + adapter.forward(input.clone())
         })
     }

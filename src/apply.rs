@@ -1,143 +1,23 @@
-//! Walking a whole model: planning, attaching, merging, unmerging and unloading adapters.
+//! Attaching new adapters: planning which weights a [`LoraConfig`] selects, and creating the
+//! adapters on them.
 //!
-//! This file knows module paths and Burn's traversal; the math of one adapted weight lives in
-//! [`adapter`](crate::adapter).
-//!
-//! Burn lets a mapper attach a reparameterization to a parameter that has none, and lets
-//! `materialize` remove them all; it cannot replace one in place. So every change of adapter
-//! structure or of the stored base (merge, unmerge, unload) is a rebuild: take the states off
-//! ([`detach_states`]), decide the new states and bases, then attach them again. The rebuild
-//! keeps every `ParamId`, so optimizer state survives it. All checks run before anything is
-//! rebuilt, and the operations take `&self`, so a failure leaves the caller's model as it was.
+//! This file knows module paths and targets; the math of one adapted weight lives in
+//! [`adapter`](crate::adapter), and the rebuild that puts adapters on a model in
+//! [`rebuild`](crate::rebuild).
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId, Reparameterization, Reparameterizer};
+use burn::module::{Module, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::{DType, Distribution, FloatDType, Tensor};
 
-use crate::adapter::detaching::detach_states;
+use crate::rebuild::Snapshot;
+use crate::survey::Survey;
 use crate::targets::CompiledTarget;
 use crate::{
     AdaptedLayer, DEFAULT_ADAPTER, LoraAdapter, LoraConfig, LoraError, LoraInit, LoraReport,
     LoraState, SkippedModule, Target, TargetMatch,
 };
-
-/// Module types whose `weight` LoRA adapts.
-const LINEAR_TYPES: [&str; 2] = ["Linear", "LoraLinear"];
-
-/// A float parameter of the model, as the survey saw it.
-struct ParamSite {
-    /// Full parameter path, e.g. `encoder.query.weight`.
-    path: String,
-    /// Type of the module that owns it, e.g. `Linear`.
-    owner: String,
-    dims: Vec<usize>,
-}
-
-impl ParamSite {
-    /// Path of the owning module: the parameter path without its last segment.
-    fn module_path(&self) -> &str {
-        self.path.rsplit_once('.').map_or("", |(module, _)| module)
-    }
-
-    fn is_linear_weight(&self) -> bool {
-        self.path.rsplit('.').next() == Some("weight")
-            && self.dims.len() == 2
-            && LINEAR_TYPES.contains(&self.owner.as_str())
-    }
-}
-
-/// Everything one visit of the model learns.
-#[derive(Default)]
-struct Survey {
-    /// Base parameters, in module order; parameters inside reparameterizations are left out.
-    params: Vec<ParamSite>,
-    /// Parameter path → name of the reparameterization it carries.
-    reparameterized: HashMap<String, String>,
-    /// `lora_a` id of a state's first adapter → path of the weight carrying the state.
-    state_paths: HashMap<ParamId, String>,
-    base_params: usize,
-}
-
-impl Survey {
-    fn of<M: Module>(model: &M) -> Self {
-        let mut surveyor = Surveyor::default();
-        model.visit(&mut surveyor);
-        surveyor.survey
-    }
-}
-
-#[derive(Default)]
-struct Surveyor {
-    survey: Survey,
-    /// (segment name, container type the segment was entered from)
-    stack: Vec<(String, String)>,
-    /// Path of the last base parameter visited outside a reparameterization.
-    last_param: Option<String>,
-}
-
-impl Surveyor {
-    fn path(&self) -> String {
-        let names: Vec<&str> = self.stack.iter().map(|(name, _)| name.as_str()).collect();
-        names.join(".")
-    }
-
-    /// The `(path of the carrying weight, reparameterization name)` when inside one.
-    fn enclosing_reparameterization(&self) -> Option<(String, &str)> {
-        let index = self
-            .stack
-            .iter()
-            .position(|(_, container)| container == "Reparameterization")?;
-        let names: Vec<&str> = self.stack[..index]
-            .iter()
-            .map(|(name, _)| name.as_str())
-            .collect();
-        Some((names.join("."), self.stack[index].0.as_str()))
-    }
-}
-
-impl ModuleVisitor for Surveyor {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        if container_type == "Reparameterization"
-            && let Some(path) = self.last_param.take()
-        {
-            self.survey.reparameterized.insert(path, name.to_string());
-        }
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let path = self.path();
-        if let Some((weight_path, name)) = self.enclosing_reparameterization() {
-            // Our states lay out `adapters.<i>.lora_a`; the first adapter's A identifies the state.
-            if name == LoraState::NAME
-                && path == format!("{weight_path}.{}.adapters.0.lora_a", name)
-            {
-                self.survey.state_paths.insert(param.id, weight_path);
-            }
-            return;
-        }
-        let dims = param.lazy_shape().to_vec();
-        self.survey.base_params += dims.iter().product::<usize>();
-        let owner = self
-            .stack
-            .last()
-            .map(|(_, container)| container.rsplit(':').next().unwrap_or("").to_string())
-            .unwrap_or_default();
-        self.survey.params.push(ParamSite {
-            path: path.clone(),
-            owner,
-            dims,
-        });
-        self.last_param = Some(path);
-    }
-}
 
 /// The plan of [`LoraConfig::plan`].
 pub(crate) fn plan<M: Module>(config: &LoraConfig, model: &M) -> Result<LoraReport, LoraError> {
@@ -152,7 +32,7 @@ pub(crate) fn plan<M: Module>(config: &LoraConfig, model: &M) -> Result<LoraRepo
     plan_survey(config, &survey)
 }
 
-fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraError> {
+pub(crate) fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraError> {
     let targets = config.targets.compile()?;
     let rank_patterns = config
         .rank_pattern
@@ -339,308 +219,90 @@ pub(crate) fn attach<M: Module>(
     config: &LoraConfig,
     model: M,
 ) -> Result<(M, LoraReport), LoraError> {
-    let report = plan(config, &model)?;
-    let layers: HashMap<String, &AdaptedLayer> = report
+    // `apply` is for a model without adapters; `add_adapter` adds to one that has some.
+    plan(config, &model)?;
+    add_adapter(&model, DEFAULT_ADAPTER, config)
+}
+
+/// Attach a new adapter `name`, as `config` describes, beside any the model already has.
+///
+/// The first adapter of a model freezes the base and starts active and trainable. A later one
+/// starts inactive and frozen, as in PEFT, until `set_active` picks it.
+pub(crate) fn add_adapter<M: Module>(
+    model: &M,
+    name: &str,
+    config: &LoraConfig,
+) -> Result<(M, LoraReport), LoraError> {
+    config.validate()?;
+    let snapshot = Snapshot::take(model)?;
+    if snapshot.adapter_names().iter().any(|known| known == name) {
+        return Err(LoraError::AdapterExists {
+            name: name.to_string(),
+        });
+    }
+    let report = plan_survey(config, &snapshot.survey)?;
+    let first = !snapshot.is_adapted();
+    let weight_paths: Vec<String> = report
         .layers
         .iter()
-        .map(|layer| (format!("{}.weight", layer.path), layer))
+        .map(|layer| format!("{}.weight", layer.path))
         .collect();
-    let model = model.apply_reparameterization(Attach {
-        config,
-        layers: &layers,
-    });
-    Ok((model, report))
-}
-
-/// Freezes every float parameter and creates a fresh adapter on each planned weight.
-struct Attach<'a> {
-    config: &'a LoraConfig,
-    layers: &'a HashMap<String, &'a AdaptedLayer>,
-}
-
-impl Reparameterizer for Attach<'_> {
-    type Reparam = LoraState;
-
-    fn reparameterize<const D: usize>(
-        &mut self,
-        path: &str,
-        param: Param<Tensor<D>>,
-    ) -> (Param<Tensor<D>>, Option<LoraState>) {
-        let param = param.set_require_grad(false);
-        let Some(layer) = self.layers.get(path) else {
-            return (param, None);
-        };
-        let device = param.lazy_device();
-        let dtype = param.base().dtype();
-        let (d_in, d_out, rank) = (layer.d_in, layer.d_out, layer.rank);
-        let distribution = match self.config.init {
-            LoraInit::KaimingUniform => {
-                let bound = 1.0 / (d_in as f64).sqrt();
-                Distribution::Uniform(-bound, bound)
-            }
-            LoraInit::Gaussian => Distribution::Normal(0.0, 1.0 / rank as f64),
-        };
-        let factors_dtype = match dtype {
-            DType::F64 | DType::F32 | DType::F16 | DType::BF16 => FloatDType::from(dtype),
-            _ => FloatDType::F32,
-        };
-        let lora_a = Tensor::<2>::random([d_in, rank], distribution, &device).cast(factors_dtype);
-        let lora_b = Tensor::<2>::zeros([rank, d_out], &device).cast(factors_dtype);
+    let bases = snapshot.bases(&weight_paths);
+    let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
+    for (layer, path) in report.layers.iter().zip(&weight_paths) {
+        let base = &bases[path];
+        let adapter = new_adapter(config, layer, name, base).with_trainable(first);
         let adapter = LoraAdapter {
-            lora_a: Param::from_tensor(lora_a),
-            lora_b: Param::from_tensor(lora_b),
-            scale: self.config.scale_for(rank, layer.alpha),
-            alpha: layer.alpha,
-            dropout: DropoutConfig::new(self.config.dropout).init(),
-            name: DEFAULT_ADAPTER.to_string(),
-            merged: false,
+            active: first,
+            ..adapter
         };
-        (
-            param,
-            Some(LoraState {
-                adapters: vec![adapter],
-            }),
-        )
+        states
+            .entry(path.clone())
+            .or_insert_with(|| LoraState::new(Vec::new()))
+            .adapters
+            .push(adapter);
     }
+    Ok((snapshot.rebuild(states, HashMap::new(), first), report))
 }
 
-/// A summary of one adapter on one weight, from [`LoraModule::lora_adapters`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdapterInfo {
-    /// Module path of the adapted layer.
-    pub path: String,
-    /// Name of the adapter.
-    pub name: String,
-    /// Its rank.
-    pub rank: usize,
-    /// Its scale, `alpha / r` or `alpha / √r`.
-    pub scale: f64,
-    /// Whether it is folded into the base weight.
-    pub merged: bool,
-}
-
-/// LoRA operations on any Burn module that carries adapters from
-/// [`LoraConfig::apply`](crate::LoraConfig::apply).
-///
-/// Implemented for every [`Module`]. The operations return a new module and leave `self` as it
-/// was, so a failed merge loses nothing; Burn modules share their tensors, so the copy is cheap.
-pub trait LoraModule: Module + Sized {
-    /// Fold every unmerged adapter into its base weight: `W ← W + s·A·B`, computed in f32.
-    ///
-    /// The merged model costs exactly what the plain model costs. The adapters stay attached,
-    /// so [`unmerge_lora`](Self::unmerge_lora) can take the update out again.
-    ///
-    /// # Errors
-    ///
-    /// [`LoraError::NoAdapters`], [`LoraError::AlreadyMerged`] when every adapter is merged, and
-    /// [`LoraError::NonFiniteMerge`] when a result would hold NaN or Inf (then nothing merges).
-    fn merge_lora(&self) -> Result<Self, LoraError>;
-
-    /// Take every merged adapter back out of its base weight: `W ← W - s·A·B`.
-    ///
-    /// # Errors
-    ///
-    /// [`LoraError::NoAdapters`], and [`LoraError::NothingMerged`] when no adapter is merged.
-    fn unmerge_lora(&self) -> Result<Self, LoraError>;
-
-    /// Merge the unmerged adapters, then drop every adapter: a plain model with the fine-tuned
-    /// weights.
-    ///
-    /// # Errors
-    ///
-    /// [`LoraError::NoAdapters`] and [`LoraError::NonFiniteMerge`].
-    fn merge_and_unload_lora(&self) -> Result<Self, LoraError>;
-
-    /// Drop every adapter and return the base model as it was before `apply`: merged adapters
-    /// are taken out of their weights first.
-    ///
-    /// # Errors
-    ///
-    /// [`LoraError::NoAdapters`] and [`LoraError::NonFiniteMerge`].
-    fn unload_lora(&self) -> Result<Self, LoraError>;
-
-    /// The adapters attached to the model, one entry per adapted weight and adapter.
-    fn lora_adapters(&self) -> Vec<AdapterInfo>;
-}
-
-impl<M: Module> LoraModule for M {
-    fn merge_lora(&self) -> Result<Self, LoraError> {
-        rebuild(self, Rebuild::Merge)
-    }
-
-    fn unmerge_lora(&self) -> Result<Self, LoraError> {
-        rebuild(self, Rebuild::Unmerge)
-    }
-
-    fn merge_and_unload_lora(&self) -> Result<Self, LoraError> {
-        rebuild(self, Rebuild::MergeAndUnload)
-    }
-
-    fn unload_lora(&self) -> Result<Self, LoraError> {
-        rebuild(self, Rebuild::Unload)
-    }
-
-    fn lora_adapters(&self) -> Vec<AdapterInfo> {
-        let survey = Survey::of(self);
-        let (_, states) = detach_states(self.clone());
-        let mut infos = Vec::new();
-        for state in &states {
-            let path = state_path(&survey, state);
-            for adapter in &state.adapters {
-                infos.push(AdapterInfo {
-                    path: module_path_of(&path).to_string(),
-                    name: adapter.name.clone(),
-                    rank: adapter.rank(),
-                    scale: adapter.scale,
-                    merged: adapter.merged,
-                });
-            }
+/// A fresh adapter for `layer`: `A` drawn from `config.init`, `B` zero, in the base's dtype.
+fn new_adapter(
+    config: &LoraConfig,
+    layer: &AdaptedLayer,
+    name: &str,
+    base: &Tensor<2>,
+) -> LoraAdapter {
+    let device = base.device();
+    let (d_in, d_out, rank) = (layer.d_in, layer.d_out, layer.rank);
+    let distribution = match config.init {
+        LoraInit::KaimingUniform => {
+            let bound = 1.0 / (d_in as f64).sqrt();
+            Distribution::Uniform(-bound, bound)
         }
-        infos
-    }
-}
-
-/// The structural operations, each a rebuild.
-#[derive(Clone, Copy, PartialEq)]
-enum Rebuild {
-    Merge,
-    Unmerge,
-    MergeAndUnload,
-    Unload,
-}
-
-impl Rebuild {
-    /// Which adapters of `state` to fold into the base, with which sign, and whether the
-    /// adapters stay attached afterwards.
-    fn edit(self, state: &LoraState) -> (Vec<usize>, f64, bool) {
-        let select = |merged: bool| -> Vec<usize> {
-            (0..state.adapters.len())
-                .filter(|&index| state.adapters[index].merged == merged)
-                .collect()
-        };
-        match self {
-            Rebuild::Merge => (select(false), 1.0, true),
-            Rebuild::Unmerge => (select(true), -1.0, true),
-            Rebuild::MergeAndUnload => (select(false), 1.0, false),
-            Rebuild::Unload => (select(true), -1.0, false),
-        }
-    }
-}
-
-/// The new base (if it changes) and the state to attach (if any) of one adapted weight.
-type WeightEdit = (Option<Tensor<2>>, Option<LoraState>);
-
-fn rebuild<M: Module>(model: &M, operation: Rebuild) -> Result<M, LoraError> {
-    let survey = Survey::of(model);
-    if survey.state_paths.is_empty() {
-        return Err(LoraError::NoAdapters);
-    }
-    let (plain, states) = detach_states(model.clone());
-    let paths: Vec<String> = states
-        .iter()
-        .map(|state| state_path(&survey, state))
-        .collect();
-    let mut bases = collect_bases(&plain, &paths);
-
-    // Everything is computed and checked before the model is rebuilt.
-    let mut edits: HashMap<String, WeightEdit> = HashMap::new();
-    let mut folded_any = false;
-    for (mut state, path) in states.into_iter().zip(paths) {
-        let (fold, sign, keep) = operation.edit(&state);
-        let base = match fold.is_empty() {
-            true => None,
-            false => {
-                folded_any = true;
-                let base = bases
-                    .remove(&path)
-                    .expect("every adapted weight is a 2-D parameter of the model");
-                let folded = state.fold_into_base(module_path_of(&path), base, &fold, sign)?;
-                Some(folded.detach())
-            }
-        };
-        for index in fold {
-            state.adapters[index].merged = sign > 0.0;
-        }
-        edits.insert(path, (base, keep.then_some(state)));
-    }
-    match operation {
-        Rebuild::Merge if !folded_any => return Err(LoraError::AlreadyMerged),
-        Rebuild::Unmerge if !folded_any => return Err(LoraError::NothingMerged),
-        _ => {}
-    }
-    Ok(plain.apply_reparameterization(Reattach { edits }))
-}
-
-/// The weight path a captured state belongs to.
-fn state_path(survey: &Survey, state: &LoraState) -> String {
-    let id = state.adapters[0].lora_a.id;
-    survey
-        .state_paths
-        .get(&id)
-        .cloned()
-        .expect("the survey sees every state that materialize captures")
-}
-
-fn module_path_of(param_path: &str) -> &str {
-    param_path.rsplit_once('.').map_or("", |(module, _)| module)
-}
-
-/// The stored values of the 2-D parameters at `paths`.
-fn collect_bases<M: Module>(model: &M, paths: &[String]) -> HashMap<String, Tensor<2>> {
-    struct Collector<'a> {
-        paths: &'a [String],
-        stack: Vec<String>,
-        bases: HashMap<String, Tensor<2>>,
-    }
-    impl ModuleVisitor for Collector<'_> {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let path = self.stack.join(".");
-            if D == 2 && self.paths.contains(&path) {
-                let [d_in, d_out] = param.shape().dims::<2>();
-                self.bases.insert(path, param.val().reshape([d_in, d_out]));
-            }
-        }
-    }
-    let mut collector = Collector {
-        paths,
-        stack: Vec::new(),
-        bases: HashMap::new(),
+        LoraInit::Gaussian => Distribution::Normal(0.0, 1.0 / rank as f64),
     };
-    model.visit(&mut collector);
-    collector.bases
+    let dtype = factor_dtype(base.dtype());
+    let lora_a = Tensor::<2>::random([d_in, rank], distribution, &device).cast(dtype);
+    let lora_b = Tensor::<2>::zeros([rank, d_out], &device).cast(dtype);
+    LoraAdapter {
+        lora_a: Param::from_tensor(lora_a),
+        lora_b: Param::from_tensor(lora_b),
+        scale: config.scale_for(rank, layer.alpha),
+        alpha: layer.alpha,
+        use_rslora: config.use_rslora,
+        dropout: DropoutConfig::new(config.dropout).init(),
+        name: name.to_string(),
+        active: true,
+        trainable: true,
+        merged: false,
+    }
 }
 
-/// Puts edited bases and states back onto a model whose states were detached.
-struct Reattach {
-    edits: HashMap<String, WeightEdit>,
-}
-
-impl Reparameterizer for Reattach {
-    type Reparam = LoraState;
-
-    fn reparameterize<const D: usize>(
-        &mut self,
-        path: &str,
-        param: Param<Tensor<D>>,
-    ) -> (Param<Tensor<D>>, Option<LoraState>) {
-        match self.edits.remove(path) {
-            None => (param, None),
-            Some((base, state)) => {
-                let param = match base {
-                    Some(base) => {
-                        let shape = param.shape();
-                        param.map(|_| base.reshape(shape))
-                    }
-                    None => param,
-                };
-                (param, state)
-            }
-        }
+/// The float dtype adapter factors take beside a base of `dtype`: the same, or f32 for a
+/// quantized or integer base.
+pub(crate) fn factor_dtype(dtype: DType) -> FloatDType {
+    match dtype {
+        DType::F64 | DType::F32 | DType::F16 | DType::BF16 => FloatDType::from(dtype),
+        _ => FloatDType::F32,
     }
 }

@@ -102,4 +102,133 @@ pub enum LoraError {
     /// The operation needs adapters, and the model carries none.
     #[error("the model carries no LoRA adapters")]
     NoAdapters,
+
+    /// An adapter of this name is already attached.
+    #[error("an adapter named `{name}` already exists")]
+    AdapterExists {
+        /// The name.
+        name: String,
+    },
+
+    /// No weight carries an adapter of this name.
+    #[error("no adapter named `{name}`; the model has {available:?}")]
+    UnknownAdapter {
+        /// The name asked for.
+        name: String,
+        /// The adapters the model has.
+        available: Vec<String>,
+    },
+
+    /// The operation needs at least one adapter name.
+    #[error(
+        "no adapter named: give at least one adapter (use disable_adapters to run the base alone)"
+    )]
+    NoAdapterNamed,
+
+    /// An active adapter cannot be deleted.
+    #[error("adapter `{name}` is active; activate other adapters before deleting it")]
+    DeleteActive {
+        /// The adapter.
+        name: String,
+    },
+
+    /// The operation cannot run while adapters are folded into the base weights.
+    #[error(
+        "{operation} needs unmerged adapters, but {merged:?} are merged; call unmerge_lora first"
+    )]
+    AdaptersMerged {
+        /// The operation refused.
+        operation: &'static str,
+        /// The merged adapters.
+        merged: Vec<String>,
+    },
+
+    /// Adapters are disabled, so there is nothing to merge.
+    #[error("adapters are disabled; call enable_adapters before merging")]
+    AdaptersDisabled,
+
+    /// A combination weight was NaN or infinite.
+    #[error("weight {weight} for adapter `{adapter}` is not finite")]
+    InvalidWeight {
+        /// The adapter it weights.
+        adapter: String,
+        /// The weight.
+        weight: f64,
+    },
+
+    /// A linear combination needs sources of one rank on every layer.
+    #[error("`{path}`: a linear combination needs equal ranks, found {ranks:?}; use Cat or Svd")]
+    IncompatibleRanks {
+        /// Module path of the layer.
+        path: String,
+        /// `(adapter, rank)` of each source on that layer.
+        ranks: Vec<(String, usize)>,
+    },
+
+    /// Reading or writing an adapter file failed.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The kind of I/O failure.
+        kind: std::io::ErrorKind,
+        /// The system's message.
+        message: String,
+    },
+
+    /// A safetensors file that cannot be parsed (truncated, corrupt header...).
+    #[error("{path}: not a valid safetensors file: {message}")]
+    InvalidSafetensors {
+        /// The file.
+        path: String,
+        /// What the parser said.
+        message: String,
+    },
+
+    /// An `adapter_config.json` with invalid JSON, a missing field or a field of the wrong type.
+    #[error("{path}: invalid adapter config: {message}")]
+    InvalidConfig {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+
+    /// An adapter that uses a feature burn-lora does not load; nothing of it was applied.
+    #[error("{path}: unsupported adapter: {feature}")]
+    UnsupportedAdapter {
+        /// The file.
+        path: String,
+        /// The feature and its value.
+        feature: String,
+    },
+
+    /// A strict load found problems; the report lists every one, and nothing was applied.
+    #[error("{path}: the adapter does not fit the model:\n{report}")]
+    AdapterMismatch {
+        /// The adapter's directory.
+        path: String,
+        /// Everything the loader found.
+        report: Box<crate::peft::LoadReport>,
+    },
+
+    /// A [`KeyMap`](crate::peft::KeyMap) that does not map a module path back to itself.
+    #[error("key map is not invertible: `{burn}` → `{peft}` → `{back}`")]
+    KeyMapNotInvertible {
+        /// The Burn module path.
+        burn: String,
+        /// Its PEFT name.
+        peft: String,
+        /// What the PEFT name maps back to.
+        back: String,
+    },
+
+    /// An adapter to save holds NaN or Inf.
+    #[error("adapter `{adapter}` on `{path}` holds NaN or Inf; refusing to save it")]
+    NonFiniteAdapter {
+        /// Module path of the layer.
+        path: String,
+        /// The adapter.
+        adapter: String,
+    },
 }

@@ -62,17 +62,26 @@
 
 mod adapter;
 mod apply;
+mod combine;
 mod config;
 mod error;
+mod linalg;
 mod linear;
+mod mixed;
+mod model;
 pub mod nn;
+pub mod peft;
+mod rebuild;
 mod report;
+mod survey;
 mod targets;
 
 pub use adapter::{DEFAULT_ADAPTER, LoraAdapter, LoraState};
-pub use apply::{AdapterInfo, LoraModule};
+pub use combine::{Combination, CombineReport, CombinedLayer};
 pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern};
 pub use error::LoraError;
 pub use linear::{LoraLinear, LoraLinearConfig};
+pub use mixed::MixedBatch;
+pub use model::{AdapterInfo, LoraModule};
 pub use report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
 pub use targets::{CompiledTarget, CompiledTargets, Target, Targets, layer_index};

@@ -6,7 +6,7 @@ use burn::nn::{Initializer, Linear, LinearConfig, LinearLayout};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor, assert_shape};
 
-use crate::LoraState;
+use crate::{LoraState, MixedBatch};
 
 /// Configuration to create a [`LoraLinear`] layer with [`init`](LoraLinearConfig::init).
 ///
@@ -103,11 +103,48 @@ impl LoraLinear {
         let weight = self.weight.base();
         let [d_input, _] = weight.dims();
         assert_shape!(input, [.., d_input]);
-        if state.unmerged().next().is_none() {
+        if state.contributing().next().is_none() {
             return linear(input, weight, bias);
         }
         let output = linear(input.clone(), weight, bias);
         state.forward(input, output)
+    }
+
+    /// Applies the layer with each sample's own adapter, as `batch` routes them: sample `i`
+    /// gets `x·W + b + sᵢ·(x·Aᵢ)·Bᵢ`, or `x·W + b` when it has none or this layer lacks its
+    /// adapter. The result equals running each sample alone with only its adapter active.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[batch, ..., d_input]`
+    /// - output: `[batch, ..., d_output]`
+    ///
+    /// # Panics
+    ///
+    /// Panics if the last axis of `input` is not `d_input`, if the first is not
+    /// `batch.len()`, or if an adapter of this layer is merged (the base would already hold
+    /// it; [`LoraModule::mixed_batch`](crate::LoraModule::mixed_batch) checks this up front).
+    pub fn forward_mixed<const D: usize>(&self, input: Tensor<D>, batch: &MixedBatch) -> Tensor<D> {
+        let bias = self.bias.as_ref().map(Param::val);
+        let Some(state) = self.weight.reparameterization::<LoraState>() else {
+            return self.forward(input);
+        };
+        let weight = self.weight.base();
+        let [d_input, _] = weight.dims();
+        assert_shape!(input, [.., d_input]);
+        assert_eq!(
+            input.dims()[0],
+            batch.len(),
+            "forward_mixed: the batch routes {} samples, the input has {}",
+            batch.len(),
+            input.dims()[0]
+        );
+        assert!(
+            state.adapters.iter().all(|adapter| !adapter.merged),
+            "forward_mixed needs unmerged adapters; call unmerge_lora first"
+        );
+        let output = linear(input.clone(), weight, bias);
+        state.forward_mixed(input, output, batch)
     }
 }
 
@@ -131,7 +168,8 @@ impl ModuleDisplay for LoraLinear {
                     .iter()
                     .map(|adapter| {
                         let merged = if adapter.merged { ", merged" } else { "" };
-                        format!("{} (r={}{merged})", adapter.name, adapter.rank())
+                        let inactive = if adapter.active { "" } else { ", inactive" };
+                        format!("{} (r={}{merged}{inactive})", adapter.name, adapter.rank())
                     })
                     .collect();
                 content.add("adapters", &adapters.join(", ")).optional()

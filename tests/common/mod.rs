@@ -2,6 +2,8 @@
 //! ways to read and set parameters by path.
 #![allow(dead_code)]
 
+pub mod fixture;
+
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};

@@ -1,0 +1,448 @@
+//! [`LoraModule`]: the LoRA operations on a whole model, named adapters included.
+//!
+//! Every operation is a rebuild ([`Snapshot`]): all checks run first, then the model is put
+//! back together, so a failure leaves the caller's model as it was. The operations take `&self`
+//! and return a new module; Burn modules share their tensors, so the copy is cheap, and no base
+//! weight is copied unless a merge changes it.
+
+use std::collections::HashMap;
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+
+use crate::combine::{self, Combination, CombineReport};
+use crate::mixed::MixedBatch;
+use crate::rebuild::Snapshot;
+use crate::survey::module_path_of;
+use crate::{LoraConfig, LoraError, LoraReport, LoraState};
+
+/// A summary of one adapter on one weight, from [`LoraModule::lora_adapters`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterInfo {
+    /// Module path of the adapted layer.
+    pub path: String,
+    /// Name of the adapter.
+    pub name: String,
+    /// Its rank.
+    pub rank: usize,
+    /// Its scale, `alpha / r` or `alpha / √r`.
+    pub scale: f64,
+    /// Whether it takes part in the forward pass.
+    pub active: bool,
+    /// Whether its `A` and `B` take gradients.
+    pub trainable: bool,
+    /// Whether it is folded into the base weight.
+    pub merged: bool,
+}
+
+/// LoRA operations on any Burn module that carries adapters from
+/// [`LoraConfig::apply`](crate::LoraConfig::apply), [`add_adapter`](Self::add_adapter) or
+/// [`load_adapter`](crate::peft::load_adapter).
+///
+/// Implemented for every [`Module`]. A model may hold several named adapters per weight, as in
+/// PEFT: the *active* ones add up in the forward pass, the others wait. The operations return a
+/// new module and leave `self` as it was, so a failed operation loses nothing.
+pub trait LoraModule: Module + Sized {
+    /// Fold every active, unmerged adapter into its base weight: `W ← W + s·A·B`, in f32.
+    ///
+    /// The merged model costs exactly what the plain model costs. The adapters stay attached,
+    /// so [`unmerge_lora`](Self::unmerge_lora) can take the update out again.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`], [`LoraError::AdaptersDisabled`],
+    /// [`LoraError::AlreadyMerged`] when nothing is left to merge, and
+    /// [`LoraError::NonFiniteMerge`] when a result would hold NaN or Inf (then nothing merges).
+    fn merge_lora(&self) -> Result<Self, LoraError>;
+
+    /// Take every merged adapter back out of its base weight: `W ← W - s·A·B`.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`], and [`LoraError::NothingMerged`] when no adapter is merged.
+    fn unmerge_lora(&self) -> Result<Self, LoraError>;
+
+    /// Merge the active adapters, then drop every adapter: a plain model with the fine-tuned
+    /// weights.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`], [`LoraError::AdaptersDisabled`] and
+    /// [`LoraError::NonFiniteMerge`].
+    fn merge_and_unload_lora(&self) -> Result<Self, LoraError>;
+
+    /// Drop every adapter and return the base model as it was before `apply`: merged adapters
+    /// are taken out of their weights first.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`] and [`LoraError::NonFiniteMerge`].
+    fn unload_lora(&self) -> Result<Self, LoraError>;
+
+    /// The adapters attached to the model, one entry per adapted weight and adapter.
+    fn lora_adapters(&self) -> Vec<AdapterInfo>;
+
+    /// The distinct adapter names, in the order they were added.
+    fn adapter_names(&self) -> Vec<String>;
+
+    /// The names of the active adapters.
+    fn active_adapters(&self) -> Vec<String>;
+
+    /// Attach a new adapter `name` to the weights that `config` targets, beside the adapters
+    /// the model has.
+    ///
+    /// The first adapter of a model freezes the base and is active and trainable. A later one
+    /// starts inactive and frozen, as in PEFT: [`set_active`](Self::set_active) picks it.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::AdapterExists`], and everything [`LoraConfig::apply`] refuses.
+    fn add_adapter(&self, name: &str, config: &LoraConfig)
+    -> Result<(Self, LoraReport), LoraError>;
+
+    /// Make exactly the adapters in `names` active; their outputs add up in the forward pass.
+    /// As in PEFT, the active adapters become trainable and the others frozen; call
+    /// [`set_trainable`](Self::set_trainable) afterwards to train a subset.
+    ///
+    /// Switching adapters copies no weight: it reattaches the same tensors.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapterNamed`] for an empty list, [`LoraError::UnknownAdapter`], and
+    /// [`LoraError::AdaptersMerged`] while an adapter is merged (unmerge first).
+    fn set_active(&self, names: &[&str]) -> Result<Self, LoraError>;
+
+    /// Make exactly the adapters in `names` take gradients; every other adapter is frozen, and
+    /// an optimizer leaves it bit for bit as it is. Activity does not change.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`] and [`LoraError::UnknownAdapter`].
+    fn set_trainable(&self, names: &[&str]) -> Result<Self, LoraError>;
+
+    /// Run the base model alone, keeping every adapter attached and its activity remembered.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`] and [`LoraError::AdaptersMerged`].
+    fn disable_adapters(&self) -> Result<Self, LoraError>;
+
+    /// Undo [`disable_adapters`](Self::disable_adapters).
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`].
+    fn enable_adapters(&self) -> Result<Self, LoraError>;
+
+    /// Remove the adapter `name` from every weight.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::UnknownAdapter`], and [`LoraError::DeleteActive`] for an active adapter:
+    /// activate others first, so the model never changes behaviour by surprise.
+    fn delete_adapter(&self, name: &str) -> Result<Self, LoraError>;
+
+    /// Combine existing adapters into a new inactive adapter `name`, weighting each by its
+    /// factor: see [`Combination`] for the three ways. The report gives, per layer, the
+    /// relative Frobenius error of the new `ΔW` against the exact weighted sum `Σ wᵢ·ΔWᵢ`.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapterNamed`], [`LoraError::UnknownAdapter`],
+    /// [`LoraError::AdapterExists`], [`LoraError::InvalidWeight`],
+    /// [`LoraError::IncompatibleRanks`] (for [`Combination::Linear`]) and
+    /// [`LoraError::ZeroRank`] (for [`Combination::Svd`]).
+    fn add_weighted_adapter(
+        &self,
+        adapters: &[(&str, f64)],
+        name: &str,
+        combination: Combination,
+    ) -> Result<(Self, CombineReport), LoraError>;
+
+    /// Route each sample of a batch to its own adapter (or to none) for
+    /// [`LoraLinear::forward_mixed`](crate::LoraLinear::forward_mixed), after checking that every
+    /// named adapter exists and that none is merged.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::UnknownAdapter`], [`LoraError::AdaptersMerged`] and
+    /// [`LoraError::NoAdapters`].
+    fn mixed_batch(&self, adapters: &[Option<&str>]) -> Result<MixedBatch, LoraError>;
+}
+
+impl<M: Module> LoraModule for M {
+    fn merge_lora(&self) -> Result<Self, LoraError> {
+        fold(self, Fold::Merge)
+    }
+
+    fn unmerge_lora(&self) -> Result<Self, LoraError> {
+        fold(self, Fold::Unmerge)
+    }
+
+    fn merge_and_unload_lora(&self) -> Result<Self, LoraError> {
+        fold(self, Fold::MergeAndUnload)
+    }
+
+    fn unload_lora(&self) -> Result<Self, LoraError> {
+        fold(self, Fold::Unload)
+    }
+
+    fn lora_adapters(&self) -> Vec<AdapterInfo> {
+        let Ok(snapshot) = Snapshot::take(self) else {
+            return Vec::new();
+        };
+        let mut infos = Vec::new();
+        for (path, state) in &snapshot.states {
+            for adapter in &state.adapters {
+                infos.push(AdapterInfo {
+                    path: module_path_of(path).to_string(),
+                    name: adapter.name.clone(),
+                    rank: adapter.rank(),
+                    scale: adapter.scale,
+                    active: adapter.active && state.enabled,
+                    trainable: adapter.trainable,
+                    merged: adapter.merged,
+                });
+            }
+        }
+        infos
+    }
+
+    fn adapter_names(&self) -> Vec<String> {
+        Snapshot::take(self)
+            .map(|snapshot| snapshot.adapter_names())
+            .unwrap_or_default()
+    }
+
+    fn active_adapters(&self) -> Vec<String> {
+        Snapshot::take(self)
+            .map(|snapshot| snapshot.active_names())
+            .unwrap_or_default()
+    }
+
+    fn add_adapter(
+        &self,
+        name: &str,
+        config: &LoraConfig,
+    ) -> Result<(Self, LoraReport), LoraError> {
+        crate::apply::add_adapter(self, name, config)
+    }
+
+    fn set_active(&self, names: &[&str]) -> Result<Self, LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        require_names(&snapshot, names)?;
+        snapshot.require_unmerged("set_active")?;
+        Ok(edit_adapters(snapshot, |adapter| {
+            let chosen = names.contains(&adapter.name.as_str());
+            let adapter = adapter.with_trainable(chosen);
+            crate::LoraAdapter {
+                active: chosen,
+                ..adapter
+            }
+        }))
+    }
+
+    fn set_trainable(&self, names: &[&str]) -> Result<Self, LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        for name in names {
+            snapshot.require_adapter(name)?;
+        }
+        Ok(edit_adapters(snapshot, |adapter| {
+            let chosen = names.contains(&adapter.name.as_str());
+            adapter.with_trainable(chosen)
+        }))
+    }
+
+    fn disable_adapters(&self) -> Result<Self, LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        snapshot.require_unmerged("disable_adapters")?;
+        Ok(edit_states(snapshot, |state| LoraState {
+            enabled: false,
+            ..state
+        }))
+    }
+
+    fn enable_adapters(&self) -> Result<Self, LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        Ok(edit_states(snapshot, |state| LoraState {
+            enabled: true,
+            ..state
+        }))
+    }
+
+    fn delete_adapter(&self, name: &str) -> Result<Self, LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        snapshot.require_adapter(name)?;
+        if snapshot.active_names().iter().any(|active| active == name) {
+            return Err(LoraError::DeleteActive {
+                name: name.to_string(),
+            });
+        }
+        Ok(edit_states(snapshot, |state| LoraState {
+            adapters: state
+                .adapters
+                .into_iter()
+                .filter(|adapter| adapter.name != name)
+                .collect(),
+            ..state
+        }))
+    }
+
+    fn add_weighted_adapter(
+        &self,
+        adapters: &[(&str, f64)],
+        name: &str,
+        combination: Combination,
+    ) -> Result<(Self, CombineReport), LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        if adapters.is_empty() {
+            return Err(LoraError::NoAdapterNamed);
+        }
+        for (source, weight) in adapters {
+            snapshot.require_adapter(source)?;
+            if !weight.is_finite() {
+                return Err(LoraError::InvalidWeight {
+                    adapter: source.to_string(),
+                    weight: *weight,
+                });
+            }
+        }
+        if snapshot.adapter_names().iter().any(|known| known == name) {
+            return Err(LoraError::AdapterExists {
+                name: name.to_string(),
+            });
+        }
+        // Compute every layer's new adapter before touching the model.
+        let mut report = CombineReport::default();
+        let mut states = Vec::with_capacity(snapshot.states.len());
+        for (path, state) in &snapshot.states {
+            let mut state = state.clone();
+            if let Some((adapter, layer)) =
+                combine::combine(module_path_of(path), &state, adapters, name, combination)?
+            {
+                state.adapters.push(adapter);
+                report.layers.push(layer);
+            }
+            states.push((path.clone(), state));
+        }
+        Ok((snapshot.rebuild(states, HashMap::new(), false), report))
+    }
+
+    fn mixed_batch(&self, adapters: &[Option<&str>]) -> Result<MixedBatch, LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        for name in adapters.iter().flatten() {
+            snapshot.require_adapter(name)?;
+        }
+        snapshot.require_unmerged("forward_mixed")?;
+        let device = snapshot
+            .states
+            .first()
+            .map(|(_, state)| state.adapters[0].lora_a.lazy_device())
+            .expect("an adapted snapshot has a state");
+        Ok(MixedBatch::new(adapters, &device))
+    }
+}
+
+/// The snapshot of a model that must carry adapters.
+fn adapted_snapshot<M: Module>(model: &M) -> Result<Snapshot<M>, LoraError> {
+    let snapshot = Snapshot::take(model)?;
+    match snapshot.is_adapted() {
+        true => Ok(snapshot),
+        false => Err(LoraError::NoAdapters),
+    }
+}
+
+/// Check a non-empty list of adapter names against the model.
+fn require_names<M: Module>(snapshot: &Snapshot<M>, names: &[&str]) -> Result<(), LoraError> {
+    if names.is_empty() {
+        return Err(LoraError::NoAdapterNamed);
+    }
+    names
+        .iter()
+        .try_for_each(|name| snapshot.require_adapter(name))
+}
+
+/// Rebuild with every state passed through `edit`; no base changes.
+fn edit_states<M: Module>(snapshot: Snapshot<M>, edit: impl Fn(LoraState) -> LoraState) -> M {
+    let states: Vec<(String, LoraState)> = snapshot
+        .states
+        .iter()
+        .map(|(path, state)| (path.clone(), edit(state.clone())))
+        .collect();
+    snapshot.rebuild(states, HashMap::new(), false)
+}
+
+/// Rebuild with every adapter passed through `edit`; no base changes.
+fn edit_adapters<M: Module>(
+    snapshot: Snapshot<M>,
+    edit: impl Fn(crate::LoraAdapter) -> crate::LoraAdapter,
+) -> M {
+    edit_states(snapshot, |state| LoraState {
+        adapters: state.adapters.into_iter().map(&edit).collect(),
+        ..state
+    })
+}
+
+/// The operations that fold adapters into or out of the base weights.
+#[derive(Clone, Copy, PartialEq)]
+enum Fold {
+    Merge,
+    Unmerge,
+    MergeAndUnload,
+    Unload,
+}
+
+impl Fold {
+    /// Which adapters of `state` to fold into the base, with which sign, and whether the
+    /// adapters stay attached afterwards.
+    fn edit(self, state: &LoraState) -> (Vec<usize>, f64, bool) {
+        let select = |pick: &dyn Fn(&crate::LoraAdapter) -> bool| -> Vec<usize> {
+            (0..state.adapters.len())
+                .filter(|&index| pick(&state.adapters[index]))
+                .collect()
+        };
+        match self {
+            Fold::Merge => (select(&|a| a.contributes()), 1.0, true),
+            Fold::Unmerge => (select(&|a| a.merged), -1.0, true),
+            Fold::MergeAndUnload => (select(&|a| a.contributes()), 1.0, false),
+            Fold::Unload => (select(&|a| a.merged), -1.0, false),
+        }
+    }
+}
+
+fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
+    let snapshot = adapted_snapshot(model)?;
+    let merging = matches!(operation, Fold::Merge | Fold::MergeAndUnload);
+    if merging && snapshot.states.iter().any(|(_, state)| !state.enabled) {
+        return Err(LoraError::AdaptersDisabled);
+    }
+    let paths: Vec<String> = snapshot.states.iter().map(|(p, _)| p.clone()).collect();
+    let mut stored = snapshot.bases(&paths);
+
+    // Everything is computed and checked before the model is rebuilt.
+    let mut bases: HashMap<String, Tensor<2>> = HashMap::new();
+    let mut states: Vec<(String, LoraState)> = Vec::new();
+    for (path, state) in &snapshot.states {
+        let mut state = state.clone();
+        let (selected, sign, keep) = operation.edit(&state);
+        if !selected.is_empty() {
+            let base = stored
+                .remove(path)
+                .expect("every adapted weight is a 2-D parameter of the model");
+            let folded = state.fold_into_base(module_path_of(path), base, &selected, sign)?;
+            bases.insert(path.clone(), folded);
+        }
+        for index in selected {
+            state.adapters[index].merged = sign > 0.0;
+        }
+        if keep {
+            states.push((path.clone(), state));
+        }
+    }
+    match operation {
+        Fold::Merge if bases.is_empty() => return Err(LoraError::AlreadyMerged),
+        Fold::Unmerge if bases.is_empty() => return Err(LoraError::NothingMerged),
+        _ => {}
+    }
+    Ok(snapshot.rebuild(states, bases, false))
+}

@@ -1,0 +1,302 @@
+//! Names in PEFT files: the tensor keys, and the [`KeyMap`] between Hugging Face module paths
+//! and Burn module paths.
+
+use regex::Regex;
+
+use crate::LoraError;
+
+/// The prefix PEFT puts before every module path in an adapter file.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Rewrites module paths between a PEFT file (Hugging Face names, such as
+/// `model.layers.0.self_attn.q_proj`) and a Burn model (such as `layers.0.attn.query`).
+///
+/// Rules apply in order when loading ([`to_burn`](Self::to_burn)) and in reverse order, each
+/// inverted, when saving ([`to_peft`](Self::to_peft)). Saving checks that every path maps back
+/// to itself, so a map that loses information is an error, not a silently wrong file.
+///
+/// ```
+/// use burn_lora::peft::KeyMap;
+///
+/// // Hugging Face Llama names → a Burn port's names.
+/// let map = KeyMap::new()
+///     .rename("model.layers", "layers")
+///     .rename("self_attn", "attn")
+///     .rename("q_proj", "query")
+///     .rename("v_proj", "value");
+/// assert_eq!(map.to_burn("model.layers.3.self_attn.q_proj"), "layers.3.attn.query");
+/// assert_eq!(map.to_peft("layers.3.attn.value"), "model.layers.3.self_attn.v_proj");
+///
+/// // A regex rule, with its inverse, for what renames cannot say.
+/// let map = KeyMap::new()
+///     .regex(r"^h\.(\d+)\.attn\.c_attn$", "blocks.$1.qkv", r"^blocks\.(\d+)\.qkv$", "h.$1.attn.c_attn")
+///     .unwrap();
+/// assert_eq!(map.to_burn("h.7.attn.c_attn"), "blocks.7.qkv");
+/// assert_eq!(map.to_peft("blocks.7.qkv"), "h.7.attn.c_attn");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct KeyMap {
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+enum Rule {
+    /// Whole dotted segments `peft` ↔ `burn`.
+    Rename { peft: String, burn: String },
+    /// A regex rewrite for each direction.
+    Regex {
+        to_burn: (Regex, String),
+        to_peft: (Regex, String),
+    },
+}
+
+impl KeyMap {
+    /// The identity map: Burn paths equal PEFT paths.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rename the whole dotted segments `peft` (as in the file) to `burn` (as in the model),
+    /// wherever they occur: `rename("self_attn", "attn")` maps `layers.0.self_attn.q_proj` to
+    /// `layers.0.attn.q_proj` but leaves `my_self_attn` alone. Either side may span several
+    /// segments (`"model.layers"`) or be empty, to drop or add a prefix.
+    pub fn rename(mut self, peft: &str, burn: &str) -> Self {
+        self.rules.push(Rule::Rename {
+            peft: peft.to_string(),
+            burn: burn.to_string(),
+        });
+        self
+    }
+
+    /// A regex rule: `peft_pattern` → `burn_replacement` when loading, and `burn_pattern` →
+    /// `peft_replacement` when saving. Replacements use `$1`-style groups, as in
+    /// [`Regex::replace`].
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::InvalidRegex`] for a pattern that does not compile.
+    pub fn regex(
+        mut self,
+        peft_pattern: &str,
+        burn_replacement: &str,
+        burn_pattern: &str,
+        peft_replacement: &str,
+    ) -> Result<Self, LoraError> {
+        let compile = |pattern: &str| {
+            Regex::new(pattern).map_err(|error| LoraError::InvalidRegex {
+                pattern: pattern.to_string(),
+                message: error.to_string(),
+            })
+        };
+        self.rules.push(Rule::Regex {
+            to_burn: (compile(peft_pattern)?, burn_replacement.to_string()),
+            to_peft: (compile(burn_pattern)?, peft_replacement.to_string()),
+        });
+        Ok(self)
+    }
+
+    /// The Burn module path of a PEFT module path (without `base_model.model.`).
+    pub fn to_burn(&self, peft_path: &str) -> String {
+        self.rules
+            .iter()
+            .fold(peft_path.to_string(), |path, rule| match rule {
+                Rule::Rename { peft, burn } => rename_segments(&path, peft, burn),
+                Rule::Regex { to_burn, .. } => to_burn.0.replace(&path, &to_burn.1).into_owned(),
+            })
+    }
+
+    /// The PEFT module path (without `base_model.model.`) of a Burn module path.
+    pub fn to_peft(&self, burn_path: &str) -> String {
+        self.rules
+            .iter()
+            .rev()
+            .fold(burn_path.to_string(), |path, rule| match rule {
+                Rule::Rename { peft, burn } => rename_segments(&path, burn, peft),
+                Rule::Regex { to_peft, .. } => to_peft.0.replace(&path, &to_peft.1).into_owned(),
+            })
+    }
+
+    /// The PEFT path of `burn_path`, checked to map back to it.
+    pub(crate) fn to_peft_checked(&self, burn_path: &str) -> Result<String, LoraError> {
+        let peft = self.to_peft(burn_path);
+        let back = self.to_burn(&peft);
+        match back == burn_path {
+            true => Ok(peft),
+            false => Err(LoraError::KeyMapNotInvertible {
+                burn: burn_path.to_string(),
+                peft,
+                back,
+            }),
+        }
+    }
+}
+
+/// Replace every occurrence of the segment sequence `from` in `path` by `to`, segment-aligned.
+fn rename_segments(path: &str, from: &str, to: &str) -> String {
+    let split = |text: &str| -> Vec<String> {
+        match text.is_empty() {
+            true => Vec::new(),
+            false => text.split('.').map(str::to_string).collect(),
+        }
+    };
+    let (segments, from, to) = (split(path), split(from), split(to));
+    if from.is_empty() {
+        // An empty source adds `to` as a prefix, unless it is there already.
+        return match segments.starts_with(&to) {
+            true => path.to_string(),
+            false => [to, segments].concat().join("."),
+        };
+    }
+    let mut out: Vec<String> = Vec::with_capacity(segments.len());
+    let mut index = 0;
+    while index < segments.len() {
+        if segments[index..].starts_with(&from) {
+            out.extend(to.iter().cloned());
+            index += from.len();
+        } else {
+            out.push(segments[index].clone());
+            index += 1;
+        }
+    }
+    out.join(".")
+}
+
+/// Which factor a tensor key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Factor {
+    A,
+    B,
+}
+
+/// A tensor key of an adapter file, taken apart.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Key {
+    /// `[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight`
+    Lora {
+        module: String,
+        factor: Factor,
+        adapter: Option<String>,
+    },
+    /// A key of a PEFT feature burn-lora does not load (DoRA, embedding adapters, LoRA biases).
+    Unsupported { feature: &'static str },
+    /// Anything else.
+    Other,
+}
+
+/// Parse one tensor key.
+pub(crate) fn parse_key(key: &str) -> Key {
+    let path = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+    let segments: Vec<&str> = path.split('.').collect();
+    let unsupported = [
+        ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+        ("lora_embedding_A", "embedding adapters (lora_embedding_A)"),
+        ("lora_embedding_B", "embedding adapters (lora_embedding_B)"),
+    ];
+    for (segment, feature) in unsupported {
+        if segments.contains(&segment) {
+            return Key::Unsupported { feature };
+        }
+    }
+    let Some(position) = segments
+        .iter()
+        .rposition(|s| *s == "lora_A" || *s == "lora_B")
+    else {
+        return Key::Other;
+    };
+    let factor = match segments[position] {
+        "lora_A" => Factor::A,
+        _ => Factor::B,
+    };
+    let rest = &segments[position + 1..];
+    let adapter = match rest {
+        ["weight"] => None,
+        [name, "weight"] => Some(name.to_string()),
+        [.., "bias"] => {
+            return Key::Unsupported {
+                feature: "LoRA biases (lora_bias)",
+            };
+        }
+        _ => return Key::Other,
+    };
+    if position == 0 {
+        return Key::Other;
+    }
+    Key::Lora {
+        module: segments[..position].join("."),
+        factor,
+        adapter,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_with_and_without_prefix_and_adapter_name() {
+        let expected = |adapter: Option<&str>| Key::Lora {
+            module: "layers.0.q_proj".into(),
+            factor: Factor::A,
+            adapter: adapter.map(str::to_string),
+        };
+        assert_eq!(
+            parse_key("base_model.model.layers.0.q_proj.lora_A.weight"),
+            expected(None)
+        );
+        assert_eq!(parse_key("layers.0.q_proj.lora_A.weight"), expected(None));
+        assert_eq!(
+            parse_key("layers.0.q_proj.lora_A.task.weight"),
+            expected(Some("task"))
+        );
+        assert!(matches!(
+            parse_key("base_model.model.q.lora_B.weight"),
+            Key::Lora {
+                factor: Factor::B,
+                ..
+            }
+        ));
+        assert_eq!(parse_key("layers.0.q_proj.weight"), Key::Other);
+        assert_eq!(parse_key("lora_A.weight"), Key::Other);
+        assert!(matches!(
+            parse_key("x.lora_magnitude_vector"),
+            Key::Unsupported { .. }
+        ));
+        assert!(matches!(
+            parse_key("x.lora_B.bias"),
+            Key::Unsupported { .. }
+        ));
+    }
+
+    #[test]
+    fn renames_are_segment_aligned_and_invertible() {
+        let map = KeyMap::new()
+            .rename("model.layers", "layers")
+            .rename("self_attn", "attn");
+        let burn = map.to_burn("model.layers.0.self_attn.q_proj");
+        assert_eq!(burn, "layers.0.attn.q_proj");
+        assert_eq!(map.to_peft(&burn), "model.layers.0.self_attn.q_proj");
+        assert_eq!(map.to_burn("model.my_self_attn.q"), "model.my_self_attn.q");
+        let prefix = KeyMap::new().rename("", "backbone");
+        assert_eq!(prefix.to_burn("a.b"), "backbone.a.b");
+        assert_eq!(prefix.to_peft("backbone.a.b"), "a.b");
+    }
+
+    #[test]
+    fn a_lossy_map_is_caught_when_saving() {
+        let map = KeyMap::new().rename("q_proj", "query");
+        assert_eq!(map.to_peft_checked("attn.query").unwrap(), "attn.q_proj");
+        // A Burn module literally called `q_proj` would load back as `query`.
+        assert_eq!(
+            map.to_peft_checked("attn.q_proj"),
+            Err(LoraError::KeyMapNotInvertible {
+                burn: "attn.q_proj".into(),
+                peft: "attn.q_proj".into(),
+                back: "attn.query".into(),
+            })
+        );
+        assert!(matches!(
+            KeyMap::new().regex("(", "", "x", ""),
+            Err(LoraError::InvalidRegex { .. })
+        ));
+    }
+}

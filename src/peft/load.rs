@@ -1,0 +1,437 @@
+//! Reading PEFT adapters into a Burn model, strictly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::DropoutConfig;
+use burn::tensor::{Tensor, TensorData};
+
+use super::config::{AdapterConfig, TargetModules, modules_match};
+use super::files::{HostTensor, read_file, read_tensors};
+use super::keys::{Factor, Key, KeyMap, PEFT_PREFIX, parse_key};
+use super::report::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
+use super::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::apply::factor_dtype;
+use crate::rebuild::Snapshot;
+use crate::targets::layer_index;
+use crate::{LoraAdapter, LoraError, LoraState};
+
+/// How [`load_adapter_with`](crate::peft::load_adapter_with) reads an adapter.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Fail on any problem (the default). When false, modules with problems are skipped and
+    /// listed in the report; a file with nothing loadable still fails.
+    pub strict: bool,
+    /// Maps the file's module paths to the model's.
+    pub key_map: KeyMap,
+    /// Whether the loaded adapter takes gradients, to continue training it. Off by default,
+    /// as in PEFT's `is_trainable=False`.
+    pub trainable: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            strict: true,
+            key_map: KeyMap::new(),
+            trainable: false,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Strict, identity key map, frozen.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set [`strict`](Self::strict).
+    pub fn with_strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Set [`key_map`](Self::key_map).
+    pub fn with_key_map(mut self, key_map: KeyMap) -> Self {
+        self.key_map = key_map;
+        self
+    }
+
+    /// Set [`trainable`](Self::trainable).
+    pub fn with_trainable(mut self, trainable: bool) -> Self {
+        self.trainable = trainable;
+        self
+    }
+}
+
+/// A PEFT adapter read from disk or memory: its config and its tensors, decoded and checked for
+/// features burn-lora does not load, not yet matched against a model.
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    config: AdapterConfig,
+    tensors: Vec<HostTensor>,
+    source: String,
+}
+
+impl PeftAdapter {
+    /// Read `adapter_config.json` and `adapter_model.safetensors` from `dir`.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::Io`] for a missing or unreadable file, then everything
+    /// [`from_bytes`](Self::from_bytes) refuses.
+    pub fn read(dir: impl AsRef<Path>) -> Result<Self, LoraError> {
+        let dir = dir.as_ref();
+        let config_path = dir.join(CONFIG_FILE);
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let config = read_file(&config_path)?;
+        if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(LoraError::UnsupportedAdapter {
+                path: dir.display().to_string(),
+                feature: "adapter_model.bin (pickle); save it as safetensors".into(),
+            });
+        }
+        let weights = read_file(&weights_path)?;
+        let config = String::from_utf8(config).map_err(|_| LoraError::InvalidConfig {
+            path: config_path.display().to_string(),
+            message: "not UTF-8 text".into(),
+        })?;
+        let mut adapter = Self::from_bytes(&weights, &config, &dir.display().to_string())?;
+        adapter.source = dir.display().to_string();
+        Ok(adapter)
+    }
+
+    /// Parse an adapter from the bytes of its two files; `source` names it in errors.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::InvalidSafetensors`], [`LoraError::InvalidConfig`] and
+    /// [`LoraError::UnsupportedAdapter`] (a config or a tensor key of DoRA, embedding adapters,
+    /// `modules_to_save`, LoRA biases, base-rewriting inits...).
+    pub fn from_bytes(weights: &[u8], config: &str, source: &str) -> Result<Self, LoraError> {
+        let config = AdapterConfig::from_json(config, &format!("{source}/{CONFIG_FILE}"))?;
+        let tensors = read_tensors(weights, &format!("{source}/{WEIGHTS_FILE}"))?;
+        for tensor in &tensors {
+            if let Key::Unsupported { feature } = parse_key(&tensor.key) {
+                return Err(LoraError::UnsupportedAdapter {
+                    path: format!("{source}/{WEIGHTS_FILE}"),
+                    feature: format!("{feature}, in key `{}`", tensor.key),
+                });
+            }
+        }
+        Ok(Self {
+            config,
+            tensors,
+            source: source.to_string(),
+        })
+    }
+
+    /// The adapter's config.
+    pub fn config(&self) -> &AdapterConfig {
+        &self.config
+    }
+
+    /// The tensor keys, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        self.tensors.iter().map(|t| t.key.as_str()).collect()
+    }
+
+    /// Attach this adapter to `model` under `name`.
+    ///
+    /// The first adapter of a model freezes the base and is active; a later one starts
+    /// inactive, for [`set_active`](crate::LoraModule::set_active). Nothing is attached unless
+    /// every check passes (strict) or at least one module loads (non-strict).
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::AdapterExists`], [`LoraError::AlreadyAdapted`] (a foreign
+    /// reparameterization), and [`LoraError::AdapterMismatch`] with the full report.
+    pub fn load_into<M: Module>(
+        &self,
+        model: &M,
+        name: &str,
+        options: &LoadOptions,
+    ) -> Result<(M, LoadReport), LoraError> {
+        let snapshot = Snapshot::take(model)?;
+        if snapshot.adapter_names().iter().any(|known| known == name) {
+            return Err(LoraError::AdapterExists {
+                name: name.to_string(),
+            });
+        }
+        let mut report = LoadReport {
+            adapter: name.to_string(),
+            ..Default::default()
+        };
+        let pairs = self.pair_tensors(&mut report);
+        let mut accepted = Vec::new();
+        for (module, (a, b)) in &pairs {
+            if let Some(checked) =
+                self.check_module(&snapshot, module, *a, *b, options, &mut report)
+            {
+                accepted.push(checked);
+            }
+        }
+        self.check_coverage(&snapshot, &pairs, &options.key_map, &mut report);
+
+        if (options.strict && !report.is_clean()) || accepted.is_empty() {
+            if accepted.is_empty() && report.is_clean() {
+                report.notes.push("the file holds no LoRA tensors".into());
+            }
+            return Err(LoraError::AdapterMismatch {
+                path: self.source.clone(),
+                report: Box::new(report),
+            });
+        }
+
+        let first = !snapshot.is_adapted();
+        let paths: Vec<String> = accepted
+            .iter()
+            .map(|m| format!("{}.weight", m.path))
+            .collect();
+        let bases = snapshot.bases(&paths);
+        let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
+        for (module, path) in accepted.into_iter().zip(paths) {
+            let base = &bases[&path];
+            let (device, dtype) = (base.device(), factor_dtype(base.dtype()));
+            // PyTorch stores A as [r, d_in] and B as [d_out, r]; Burn wants the transposes.
+            let factor = |tensor: &HostTensor| {
+                let values = tensor.values.clone().expect("checked usable");
+                Tensor::<2>::from_data(TensorData::new(values, tensor.shape.clone()), &device)
+                    .transpose()
+                    .cast(dtype)
+            };
+            let adapter = LoraAdapter {
+                lora_a: Param::from_tensor(factor(module.a)),
+                lora_b: Param::from_tensor(factor(module.b)),
+                scale: module.loaded.scale,
+                alpha: module.loaded.alpha,
+                use_rslora: self.config.use_rslora,
+                dropout: DropoutConfig::new(self.config.lora_dropout).init(),
+                name: name.to_string(),
+                active: first,
+                trainable: options.trainable,
+                merged: false,
+            }
+            .with_trainable(options.trainable);
+            report.loaded.push(module.loaded);
+            states
+                .entry(path)
+                .or_insert_with(|| LoraState::new(Vec::new()))
+                .adapters
+                .push(adapter);
+        }
+        Ok((snapshot.rebuild(states, HashMap::new(), first), report))
+    }
+
+    /// Group the LoRA tensors by module, as `(A, B)`; report the keys that are no LoRA factor.
+    fn pair_tensors<'a>(
+        &'a self,
+        report: &mut LoadReport,
+    ) -> BTreeMap<String, (Option<&'a HostTensor>, Option<&'a HostTensor>)> {
+        let mut pairs: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> =
+            BTreeMap::new();
+        let mut file_adapter: Option<Option<String>> = None;
+        for tensor in &self.tensors {
+            let Key::Lora {
+                module,
+                factor,
+                adapter,
+            } = parse_key(&tensor.key)
+            else {
+                report.unexpected.push(tensor.key.clone());
+                continue;
+            };
+            // A file holds one adapter; keys naming a second one do not belong to it.
+            let expected = file_adapter.get_or_insert_with(|| adapter.clone());
+            if *expected != adapter {
+                report.unexpected.push(tensor.key.clone());
+                continue;
+            }
+            let entry = pairs.entry(module).or_default();
+            let slot = match factor {
+                Factor::A => &mut entry.0,
+                Factor::B => &mut entry.1,
+            };
+            match slot {
+                Some(_) => report.unexpected.push(tensor.key.clone()),
+                None => *slot = Some(tensor),
+            }
+        }
+        pairs
+    }
+
+    /// Check one module's pair against the model and the config; `None` when it has a problem,
+    /// which goes to the report.
+    fn check_module<'a, M: Module>(
+        &self,
+        snapshot: &Snapshot<M>,
+        module: &str,
+        a: Option<&'a HostTensor>,
+        b: Option<&'a HostTensor>,
+        options: &LoadOptions,
+        report: &mut LoadReport,
+    ) -> Option<CheckedModule<'a>> {
+        let path = options.key_map.to_burn(module);
+        let Some(site) = snapshot.survey.linear_weight(&format!("{path}.weight")) else {
+            for tensor in [a, b].into_iter().flatten() {
+                report.unexpected.push(format!(
+                    "{} (the model has no linear layer `{path}`)",
+                    tensor.key
+                ));
+            }
+            return None;
+        };
+        let (Some(a), Some(b)) = (a, b) else {
+            let (present, absent) = match a {
+                Some(a) => (a, "lora_B"),
+                None => (b.expect("a pair has one factor"), "lora_A"),
+            };
+            let key = present.key.replace(
+                if absent == "lora_B" {
+                    "lora_A"
+                } else {
+                    "lora_B"
+                },
+                absent,
+            );
+            report.missing.push(key);
+            return None;
+        };
+        let mut ok = true;
+        for tensor in [a, b] {
+            if tensor.values.is_none() {
+                report.unusable_dtypes.push(DtypeNote {
+                    key: tensor.key.clone(),
+                    stored: tensor.dtype.clone(),
+                });
+                ok = false;
+                continue;
+            }
+            if tensor.dtype != "F32" {
+                report.conversions.push(DtypeNote {
+                    key: tensor.key.clone(),
+                    stored: tensor.dtype.clone(),
+                });
+            }
+            if tensor.shape.contains(&0) {
+                report.empty.push(tensor.key.clone());
+                ok = false;
+            } else if tensor.values.iter().flatten().any(|v| !v.is_finite()) {
+                report.non_finite.push(tensor.key.clone());
+                ok = false;
+            }
+        }
+        let (d_in, d_out) = (site.dims[0], site.dims[1]);
+        let (rank, pattern) = self.config.rank_for(module);
+        let rank_source = match pattern {
+            Some(key) => format!("rank_pattern \"{key}\" gives r = {rank}"),
+            None => format!("config r = {rank}"),
+        };
+        let expectations = [
+            (a, vec![rank, d_in], 0, format!("d_in = {d_in} of `{path}`")),
+            (
+                b,
+                vec![d_out, rank],
+                1,
+                format!("d_out = {d_out} of `{path}`"),
+            ),
+        ];
+        for (tensor, expected, rank_axis, layer) in expectations {
+            if tensor.shape == expected {
+                continue;
+            }
+            let reason = match tensor.shape.len() == 2
+                && tensor.shape[1 - rank_axis] == expected[1 - rank_axis]
+            {
+                true => format!("rank {} disagrees: {rank_source}", tensor.shape[rank_axis]),
+                false => format!("{layer}, {rank_source}"),
+            };
+            report.shape_mismatches.push(ShapeMismatch {
+                key: tensor.key.clone(),
+                expected,
+                found: tensor.shape.clone(),
+                reason,
+            });
+            ok = false;
+        }
+        if !ok {
+            return None;
+        }
+        let alpha = self.config.alpha_for(module);
+        Some(CheckedModule {
+            path: path.clone(),
+            a,
+            b,
+            loaded: LoadedModule {
+                peft_path: module.to_string(),
+                path,
+                rank,
+                alpha,
+                scale: self.config.scale(rank, alpha),
+            },
+        })
+    }
+
+    /// Report the modules the config's `target_modules` select in the model that the file has
+    /// no tensors for.
+    fn check_coverage<M: Module, T>(
+        &self,
+        snapshot: &Snapshot<M>,
+        pairs: &BTreeMap<String, T>,
+        key_map: &KeyMap,
+        report: &mut LoadReport,
+    ) {
+        let Some(targets) = &self.config.target_modules else {
+            return;
+        };
+        if matches!(targets, TargetModules::Regex(r) if r == "all-linear") {
+            report
+                .notes
+                .push("target_modules = \"all-linear\": coverage not checked".into());
+            return;
+        }
+        let files_modules: Vec<String> = pairs.keys().cloned().collect();
+        for site in snapshot
+            .survey
+            .params
+            .iter()
+            .filter(|s| s.is_linear_weight())
+        {
+            let peft = key_map.to_peft(site.module_path());
+            let Some(selected) = modules_match(targets, &peft) else {
+                report.notes.push(format!(
+                    "target_modules is a regex the Rust regex engine cannot compile; coverage \
+                     not checked: {targets:?}"
+                ));
+                return;
+            };
+            let excluded = self
+                .config
+                .exclude_modules
+                .as_ref()
+                .and_then(|exclude| modules_match(exclude, &peft))
+                .unwrap_or(false);
+            let in_layers = match &self.config.layers_to_transform {
+                None => true,
+                Some(layers) => layer_index(&peft, self.config.layers_pattern.as_deref())
+                    .is_some_and(|index| layers.contains(&index)),
+            };
+            if selected && !excluded && in_layers && !files_modules.contains(&peft) {
+                report.missing.push(format!(
+                    "{PEFT_PREFIX}{peft}.lora_A.weight and .lora_B.weight (target_modules selects \
+                     `{}`)",
+                    site.module_path()
+                ));
+            }
+        }
+    }
+}
+
+/// A module that passed every check.
+struct CheckedModule<'a> {
+    path: String,
+    a: &'a HostTensor,
+    b: &'a HostTensor,
+    loaded: LoadedModule,
+}

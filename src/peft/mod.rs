@@ -1,0 +1,122 @@
+//! Adapters as files, in Hugging Face PEFT's format, which PEFT, vLLM, mistral.rs and LoRAX read.
+//!
+//! An adapter directory holds two files:
+//!
+//! - `adapter_model.safetensors`: for each adapted module, `base_model.model.<path>.lora_A.weight`
+//!   of shape `[r, d_in]` and `….lora_B.weight` of shape `[d_out, r]`, PyTorch's layout, the
+//!   transposes of burn-lora's `A: [d_in, r]` and `B: [r, d_out]`;
+//! - `adapter_config.json`: `peft_type: "LORA"`, `r`, `lora_alpha`, `target_modules`,
+//!   `rank_pattern`, `alpha_pattern`, `use_rslora` and the rest ([`AdapterConfig`]).
+//!
+//! [`save_adapter`] writes one named adapter of a model; [`load_adapter`] attaches one to a
+//! model. Module paths differ between a Hugging Face checkpoint and a Burn port; a [`KeyMap`]
+//! rewrites them, in both directions:
+//!
+//! ```no_run
+//! use burn_lora::peft::{KeyMap, LoadOptions, load_adapter_with};
+//! # fn demo<M: burn::module::Module>(model: M) -> Result<(), burn_lora::LoraError> {
+//! let options = LoadOptions::new().with_key_map(
+//!     KeyMap::new()
+//!         .rename("model.layers", "layers")
+//!         .rename("self_attn", "attn")
+//!         .rename("q_proj", "query")
+//!         .rename("v_proj", "value"),
+//! );
+//! let (model, report) = load_adapter_with(&model, "adapters/summarize", "summarize", &options)?;
+//! println!("{report}");
+//! # Ok(()) }
+//! ```
+//!
+//! Loading is strict by default: missing or unexpected keys, shapes or ranks that disagree with
+//! the model or the config, unusable dtypes, empty tensors and NaN or Inf all fail, with a
+//! [`LoadReport`] that lists every one. Adapters that need more than plain LoRA (DoRA,
+//! `modules_to_save`, embedding adapters, inits that rewrite the base such as PiSSA, OLoRA or
+//! LoftQ) are refused whole, never half-applied. Writes go through a temporary file and a
+//! rename, so a crash never leaves half a file.
+
+mod config;
+mod files;
+mod keys;
+mod load;
+mod report;
+mod save;
+
+use std::path::Path;
+
+use burn::module::Module;
+
+pub use config::{AdapterConfig, TargetModules};
+pub use keys::{KeyMap, PEFT_PREFIX};
+pub use load::{LoadOptions, PeftAdapter};
+pub use report::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
+pub use save::{SaveOptions, SavedAdapter};
+
+use crate::LoraError;
+
+/// The weights file of a PEFT adapter directory.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The config file of a PEFT adapter directory.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+
+/// Write the adapter `name` of `model` to `dir` in PEFT's format, with module paths as in the
+/// model. See [`save_adapter_with`] for options.
+///
+/// # Errors
+///
+/// [`LoraError::UnknownAdapter`], [`LoraError::NonFiniteAdapter`] and [`LoraError::Io`].
+pub fn save_adapter<M: Module>(
+    model: &M,
+    dir: impl AsRef<Path>,
+    name: &str,
+) -> Result<SavedAdapter, LoraError> {
+    save_adapter_with(model, dir, name, &SaveOptions::default())
+}
+
+/// Write the adapter `name` of `model` to `dir` in PEFT's format.
+///
+/// Each module's rank and scale are reproduced exactly: the most common rank and alpha become
+/// `r` and `lora_alpha`, the others go to `rank_pattern` and `alpha_pattern`.
+/// `target_modules` lists the module names when they select exactly the adapted layers, and is
+/// a regex of the exact paths otherwise.
+///
+/// # Errors
+///
+/// [`LoraError::UnknownAdapter`], [`LoraError::NonFiniteAdapter`],
+/// [`LoraError::KeyMapNotInvertible`] and [`LoraError::Io`]. A failed save leaves any previous
+/// file in place.
+pub fn save_adapter_with<M: Module>(
+    model: &M,
+    dir: impl AsRef<Path>,
+    name: &str,
+    options: &SaveOptions,
+) -> Result<SavedAdapter, LoraError> {
+    save::save(model, dir.as_ref(), name, options)
+}
+
+/// Read the PEFT adapter in `dir` and attach it to `model` as adapter `name`, strictly and with
+/// module paths as in the model. See [`load_adapter_with`] for options.
+///
+/// # Errors
+///
+/// See [`PeftAdapter::read`] and [`PeftAdapter::load_into`].
+pub fn load_adapter<M: Module>(
+    model: &M,
+    dir: impl AsRef<Path>,
+    name: &str,
+) -> Result<(M, LoadReport), LoraError> {
+    load_adapter_with(model, dir, name, &LoadOptions::default())
+}
+
+/// Read the PEFT adapter in `dir` and attach it to `model` as adapter `name`.
+///
+/// # Errors
+///
+/// See [`PeftAdapter::read`] and [`PeftAdapter::load_into`].
+pub fn load_adapter_with<M: Module>(
+    model: &M,
+    dir: impl AsRef<Path>,
+    name: &str,
+    options: &LoadOptions,
+) -> Result<(M, LoadReport), LoraError> {
+    PeftAdapter::read(dir)?.load_into(model, name, options)
+}

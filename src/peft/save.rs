@@ -1,0 +1,305 @@
+//! Writing one named adapter of a Burn model as a PEFT adapter.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::{DType, FloatDType, Tensor, bf16, f16};
+use safetensors::Dtype;
+
+use super::config::{AdapterConfig, TargetModules, modules_match};
+use super::files::{OutTensor, io_error, write_atomically, write_tensors};
+use super::keys::{KeyMap, PEFT_PREFIX};
+use super::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::rebuild::Snapshot;
+use crate::survey::module_path_of;
+use crate::{LoraAdapter, LoraError};
+
+/// How [`save_adapter_with`](crate::peft::save_adapter_with) writes an adapter.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Maps the model's module paths to the names the file should use.
+    pub key_map: KeyMap,
+    /// `base_model_name_or_path` in the config, e.g. `meta-llama/Llama-3.2-1B`.
+    pub base_model_name_or_path: Option<String>,
+    /// `task_type` in the config, e.g. `CAUSAL_LM`.
+    pub task_type: Option<String>,
+}
+
+impl SaveOptions {
+    /// Identity key map, no base model name, no task type.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set [`key_map`](Self::key_map).
+    pub fn with_key_map(mut self, key_map: KeyMap) -> Self {
+        self.key_map = key_map;
+        self
+    }
+
+    /// Set [`base_model_name_or_path`](Self::base_model_name_or_path).
+    pub fn with_base_model(mut self, name: impl Into<String>) -> Self {
+        self.base_model_name_or_path = Some(name.into());
+        self
+    }
+
+    /// Set [`task_type`](Self::task_type).
+    pub fn with_task_type(mut self, task_type: impl Into<String>) -> Self {
+        self.task_type = Some(task_type.into());
+        self
+    }
+}
+
+/// What [`save_adapter`](crate::peft::save_adapter) wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedAdapter {
+    /// `adapter_model.safetensors`.
+    pub weights_path: PathBuf,
+    /// `adapter_config.json`.
+    pub config_path: PathBuf,
+    /// The config written.
+    pub config: AdapterConfig,
+    /// The number of adapted modules.
+    pub modules: usize,
+    /// The size of the weights file in bytes.
+    pub weights_bytes: usize,
+}
+
+/// One adapted module, ready to write.
+struct Entry {
+    peft_path: String,
+    rank: usize,
+    alpha: f64,
+    scale: f64,
+    use_rslora: bool,
+    dropout: f64,
+}
+
+pub(crate) fn save<M: Module>(
+    model: &M,
+    dir: &Path,
+    name: &str,
+    options: &SaveOptions,
+) -> Result<SavedAdapter, LoraError> {
+    let snapshot = Snapshot::take(model)?;
+    if !snapshot.is_adapted() {
+        return Err(LoraError::NoAdapters);
+    }
+    snapshot.require_adapter(name)?;
+
+    let mut entries = Vec::new();
+    let mut tensors = Vec::new();
+    for (weight_path, state) in &snapshot.states {
+        let Some(adapter) = state.adapter(name) else {
+            continue;
+        };
+        let path = module_path_of(weight_path);
+        let peft_path = options.key_map.to_peft_checked(path)?;
+        // PyTorch's layout: A is [r, d_in] and B is [d_out, r], the transposes of Burn's.
+        for (factor, tensor) in [
+            ("lora_A", adapter.lora_a.val()),
+            ("lora_B", adapter.lora_b.val()),
+        ] {
+            let key = format!("{PEFT_PREFIX}{peft_path}.{factor}.weight");
+            let tensor =
+                out_tensor(key, tensor.transpose()).ok_or_else(|| LoraError::NonFiniteAdapter {
+                    path: path.to_string(),
+                    adapter: name.to_string(),
+                })?;
+            tensors.push(tensor);
+        }
+        entries.push(entry(peft_path, adapter));
+    }
+    let config = adapter_config(&snapshot, &entries, options);
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let config_path = dir.join(CONFIG_FILE);
+    let bytes = write_tensors(&tensors, &weights_path.display().to_string())?;
+    let text = config.to_json();
+
+    fs::create_dir_all(dir).map_err(|error| io_error(dir, &error))?;
+    write_atomically(&weights_path, &bytes)?;
+    write_atomically(&config_path, text.as_bytes())?;
+    Ok(SavedAdapter {
+        weights_path,
+        config_path,
+        config,
+        modules: entries.len(),
+        weights_bytes: bytes.len(),
+    })
+}
+
+fn entry(peft_path: String, adapter: &LoraAdapter) -> Entry {
+    Entry {
+        peft_path,
+        rank: adapter.rank(),
+        alpha: adapter.alpha,
+        scale: adapter.scale,
+        use_rslora: adapter.use_rslora,
+        dropout: adapter.dropout.prob,
+    }
+}
+
+/// A tensor's bytes in its own float dtype (other dtypes as f32); `None` if it holds NaN or Inf.
+fn out_tensor(key: String, tensor: Tensor<2>) -> Option<OutTensor> {
+    let shape = tensor.dims().to_vec();
+    if !tensor.clone().is_finite().all().into_scalar::<bool>() {
+        return None;
+    }
+    let (dtype, bytes): (Dtype, Vec<u8>) = match tensor.dtype() {
+        DType::F64 => (Dtype::F64, le_bytes(tensor, f64::to_le_bytes)),
+        DType::F16 => (Dtype::F16, le_bytes(tensor, f16::to_le_bytes)),
+        DType::BF16 => (Dtype::BF16, le_bytes(tensor, bf16::to_le_bytes)),
+        _ => (
+            Dtype::F32,
+            le_bytes(tensor.cast(FloatDType::F32), f32::to_le_bytes),
+        ),
+    };
+    Some(OutTensor {
+        key,
+        dtype,
+        shape,
+        bytes,
+    })
+}
+
+fn le_bytes<E: burn::tensor::Element, const N: usize>(
+    tensor: Tensor<2>,
+    to_bytes: fn(E) -> [u8; N],
+) -> Vec<u8> {
+    tensor
+        .into_data()
+        .try_into_vec::<E>()
+        .expect("the tensor's own dtype")
+        .into_iter()
+        .flat_map(to_bytes)
+        .collect()
+}
+
+/// The config that makes PEFT rebuild exactly these adapters: the most common rank and alpha
+/// as defaults, patterns for the rest, and the scale of every module reproduced.
+fn adapter_config<M: Module>(
+    snapshot: &Snapshot<M>,
+    entries: &[Entry],
+    options: &SaveOptions,
+) -> AdapterConfig {
+    let rslora_count = entries.iter().filter(|e| e.use_rslora).count();
+    let use_rslora = 2 * rslora_count > entries.len();
+    // The alpha that gives each module its scale under the file's one rsLoRA setting.
+    let alphas: Vec<f64> = entries
+        .iter()
+        .map(|e| match (e.use_rslora == use_rslora, use_rslora) {
+            (true, _) => e.alpha,
+            (false, true) => e.scale * (e.rank as f64).sqrt(),
+            (false, false) => e.scale * e.rank as f64,
+        })
+        .collect();
+    let r = most_common(entries.iter().map(|e| e.rank as f64)) as usize;
+    let lora_alpha = most_common(alphas.iter().copied());
+    let mut config = AdapterConfig::new(r, lora_alpha);
+    config.use_rslora = use_rslora;
+    config.lora_dropout = most_common(entries.iter().map(|e| e.dropout));
+    config.base_model_name_or_path = options.base_model_name_or_path.clone();
+    config.task_type = options.task_type.clone();
+    config.target_modules = Some(target_modules(snapshot, entries, &options.key_map));
+
+    let ranks: Vec<f64> = entries.iter().map(|e| e.rank as f64).collect();
+    config.rank_pattern = overrides(entries, &ranks, r as f64)
+        .into_iter()
+        .map(|(key, rank)| (key, rank as usize))
+        .collect();
+    config.alpha_pattern = overrides(entries, &alphas, lora_alpha);
+    config
+}
+
+/// Pattern entries for the modules whose value differs from `default`. A module name
+/// (`v_proj`) stands for all saved modules of that name when they share the value, as a person
+/// would write it; otherwise each module gets its own path.
+fn overrides(entries: &[Entry], values: &[f64], default: f64) -> Vec<(String, f64)> {
+    let last = |path: &str| path.rsplit('.').next().unwrap_or_default().to_string();
+    let mut patterns: Vec<(String, f64)> = Vec::new();
+    for (entry, &value) in entries.iter().zip(values) {
+        if value == default {
+            continue;
+        }
+        let name = last(&entry.peft_path);
+        let shared = entries
+            .iter()
+            .zip(values)
+            .filter(|(other, _)| last(&other.peft_path) == name)
+            .all(|(_, &other)| other == value);
+        let key = match shared {
+            true => name,
+            false => pattern_key(entries, &entry.peft_path),
+        };
+        if !patterns.iter().any(|(known, _)| *known == key) {
+            patterns.push((key, value));
+        }
+    }
+    patterns
+}
+
+/// The pattern key for one module: its path, anchored when it would also match another saved
+/// module as a suffix (PEFT matches pattern keys as path suffixes).
+fn pattern_key(entries: &[Entry], peft_path: &str) -> String {
+    let suffix = format!(".{peft_path}");
+    match entries
+        .iter()
+        .any(|other| other.peft_path.ends_with(&suffix))
+    {
+        true => format!("^{}", regex::escape(peft_path)),
+        false => peft_path.to_string(),
+    }
+}
+
+/// `target_modules` as a list of names when those names select exactly the saved modules among
+/// the model's linear layers, else a regex of the exact paths.
+fn target_modules<M: Module>(
+    snapshot: &Snapshot<M>,
+    entries: &[Entry],
+    key_map: &KeyMap,
+) -> TargetModules {
+    let mut names: Vec<String> = Vec::new();
+    for entry in entries {
+        let name = entry.peft_path.rsplit('.').next().unwrap_or_default();
+        if !names.iter().any(|known| known == name) {
+            names.push(name.to_string());
+        }
+    }
+    let saved: HashSet<&str> = entries.iter().map(|e| e.peft_path.as_str()).collect();
+    let by_names = TargetModules::Names(names);
+    let exact = snapshot
+        .survey
+        .params
+        .iter()
+        .filter(|site| site.is_linear_weight())
+        .map(|site| key_map.to_peft(site.module_path()))
+        .all(|peft| modules_match(&by_names, &peft) == Some(saved.contains(peft.as_str())));
+    match exact {
+        true => by_names,
+        false => {
+            let mut paths: Vec<String> = entries
+                .iter()
+                .map(|e| regex::escape(&e.peft_path))
+                .collect();
+            paths.sort();
+            TargetModules::Regex(paths.join("|"))
+        }
+    }
+}
+
+/// The most frequent value, the smallest among ties.
+fn most_common(values: impl Iterator<Item = f64>) -> f64 {
+    let mut counts: Vec<(f64, usize)> = Vec::new();
+    for value in values {
+        match counts.iter_mut().find(|(known, _)| *known == value) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((value, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.total_cmp(&a.0)))
+        .map_or(0.0, |(value, _)| value)
+}

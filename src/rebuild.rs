@@ -1,0 +1,213 @@
+//! Changing a model's adapters: take every [`LoraState`] off, edit, put them back.
+//!
+//! Burn lets a mapper attach a reparameterization to a parameter that has none, and lets
+//! `materialize` remove them all; it cannot replace one in place. So every change of adapter
+//! structure or of a stored base (add, delete, activate, merge, unmerge, unload, load) is a
+//! rebuild: [`Snapshot::take`] detaches the states, the caller edits them as plain values, and
+//! [`Snapshot::rebuild`] attaches the result. The rebuild keeps every `ParamId` and shares every
+//! tensor it does not change, so it copies no weight and optimizer state survives it.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param, Reparameterizer};
+use burn::tensor::Tensor;
+
+use crate::adapter::detaching::detach_states;
+use crate::survey::Survey;
+use crate::{LoraError, LoraState};
+
+/// A model taken apart: the plain model, and its LoRA states keyed by weight path.
+pub(crate) struct Snapshot<M> {
+    /// The model with every state detached; each weight holds its stored base.
+    pub plain: M,
+    /// What the model looked like before the states were taken off.
+    pub survey: Survey,
+    /// `(weight path, state)` in traversal order.
+    pub states: Vec<(String, LoraState)>,
+}
+
+impl<M: Module> Snapshot<M> {
+    /// Take `model` apart, leaving `model` itself untouched.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::AlreadyAdapted`] when a weight carries a reparameterization that is not
+    /// ours (Burn's `apply_lora`, say): detaching would fold it into its weight for good.
+    pub fn take(model: &M) -> Result<Self, LoraError> {
+        let survey = Survey::of(model);
+        if let Some((path, kind)) = survey.foreign_reparameterization() {
+            return Err(LoraError::AlreadyAdapted {
+                path: path.clone(),
+                kind: kind.clone(),
+            });
+        }
+        let (plain, states) = detach_states(model.clone());
+        let states = states
+            .into_iter()
+            .map(|state| {
+                let id = state.adapters[0].lora_a.id;
+                let path = survey
+                    .state_paths
+                    .get(&id)
+                    .cloned()
+                    .expect("the survey sees every state that materialize captures");
+                (path, state)
+            })
+            .collect();
+        Ok(Self {
+            plain,
+            survey,
+            states,
+        })
+    }
+
+    /// Whether the model carried any adapter.
+    pub fn is_adapted(&self) -> bool {
+        !self.states.is_empty()
+    }
+
+    /// The distinct adapter names, in the order they first appear.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
+            if !names.contains(&adapter.name) {
+                names.push(adapter.name.clone());
+            }
+        }
+        names
+    }
+
+    /// The names of the active adapters, in the order they first appear.
+    pub fn active_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
+            if adapter.active && !names.contains(&adapter.name) {
+                names.push(adapter.name.clone());
+            }
+        }
+        names
+    }
+
+    /// The names of the adapters folded into a base weight somewhere.
+    pub fn merged_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
+            if adapter.merged && !names.contains(&adapter.name) {
+                names.push(adapter.name.clone());
+            }
+        }
+        names
+    }
+
+    /// [`LoraError::UnknownAdapter`] unless some weight has an adapter called `name`.
+    pub fn require_adapter(&self, name: &str) -> Result<(), LoraError> {
+        let names = self.adapter_names();
+        match names.iter().any(|known| known == name) {
+            true => Ok(()),
+            false => Err(LoraError::UnknownAdapter {
+                name: name.to_string(),
+                available: names,
+            }),
+        }
+    }
+
+    /// [`LoraError::AdaptersMerged`] when any adapter is folded into its weight.
+    pub fn require_unmerged(&self, operation: &'static str) -> Result<(), LoraError> {
+        let merged = self.merged_names();
+        match merged.is_empty() {
+            true => Ok(()),
+            false => Err(LoraError::AdaptersMerged { operation, merged }),
+        }
+    }
+
+    /// The stored values of the 2-D parameters at `paths`, read from the plain model.
+    pub fn bases<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a String>,
+    ) -> HashMap<String, Tensor<2>> {
+        let paths: Vec<&String> = paths.into_iter().collect();
+        collect_bases(&self.plain, &paths)
+    }
+
+    /// Attach `states` (weight path → state; states without adapters are dropped) and replace
+    /// the stored bases in `bases`. With `freeze_base`, every float parameter of the plain model
+    /// stops taking gradients, as a first adapter requires.
+    pub fn rebuild(
+        self,
+        states: impl IntoIterator<Item = (String, LoraState)>,
+        bases: HashMap<String, Tensor<2>>,
+        freeze_base: bool,
+    ) -> M {
+        let states = states
+            .into_iter()
+            .filter(|(_, state)| !state.adapters.is_empty())
+            .collect();
+        self.plain.apply_reparameterization(Reattach {
+            states,
+            bases,
+            freeze_base,
+        })
+    }
+}
+
+/// The stored values of the 2-D parameters at `paths`.
+fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Tensor<2>> {
+    struct Collector<'a> {
+        paths: &'a [&'a String],
+        stack: Vec<String>,
+        bases: HashMap<String, Tensor<2>>,
+    }
+    impl ModuleVisitor for Collector<'_> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.stack.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let path = self.stack.join(".");
+            if D == 2 && self.paths.contains(&&path) {
+                let [d_in, d_out] = param.shape().dims::<2>();
+                self.bases.insert(path, param.val().reshape([d_in, d_out]));
+            }
+        }
+    }
+    let mut collector = Collector {
+        paths,
+        stack: Vec::new(),
+        bases: HashMap::new(),
+    };
+    model.visit(&mut collector);
+    collector.bases
+}
+
+/// Puts states and edited bases onto a model whose states were detached.
+struct Reattach {
+    states: HashMap<String, LoraState>,
+    bases: HashMap<String, Tensor<2>>,
+    freeze_base: bool,
+}
+
+impl Reparameterizer for Reattach {
+    type Reparam = LoraState;
+
+    fn reparameterize<const D: usize>(
+        &mut self,
+        path: &str,
+        param: Param<Tensor<D>>,
+    ) -> (Param<Tensor<D>>, Option<LoraState>) {
+        let param = match self.freeze_base {
+            true => param.set_require_grad(false),
+            false => param,
+        };
+        let param = match self.bases.remove(path) {
+            Some(base) => {
+                let shape = param.shape();
+                // The new base must not carry the graph that computed it.
+                param.map(|_| base.detach().reshape(shape))
+            }
+            None => param,
+        };
+        (param, self.states.remove(path))
+    }
+}

@@ -1,0 +1,145 @@
+//! One read-only walk over a model: its float parameters, the owners' types, and where
+//! reparameterizations (ours and others') sit.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId, Reparameterization};
+use burn::tensor::Tensor;
+
+use crate::LoraState;
+
+/// Module types whose `weight` LoRA adapts.
+const LINEAR_TYPES: [&str; 2] = ["Linear", "LoraLinear"];
+
+/// A float parameter of the model, as the survey saw it.
+pub(crate) struct ParamSite {
+    /// Full parameter path, e.g. `encoder.query.weight`.
+    pub path: String,
+    /// Type of the module that owns it, e.g. `Linear`.
+    pub owner: String,
+    pub dims: Vec<usize>,
+}
+
+impl ParamSite {
+    /// Path of the owning module: the parameter path without its last segment.
+    pub fn module_path(&self) -> &str {
+        self.path.rsplit_once('.').map_or("", |(module, _)| module)
+    }
+
+    pub fn is_linear_weight(&self) -> bool {
+        self.path.rsplit('.').next() == Some("weight")
+            && self.dims.len() == 2
+            && LINEAR_TYPES.contains(&self.owner.as_str())
+    }
+}
+
+/// Everything one visit of the model learns.
+#[derive(Default)]
+pub(crate) struct Survey {
+    /// Base parameters, in module order; parameters inside reparameterizations are left out.
+    pub params: Vec<ParamSite>,
+    /// Parameter path → name of the reparameterization it carries.
+    pub reparameterized: HashMap<String, String>,
+    /// `lora_a` id of a state's first adapter → path of the weight carrying the state.
+    pub state_paths: HashMap<ParamId, String>,
+    pub base_params: usize,
+}
+
+impl Survey {
+    pub fn of<M: Module>(model: &M) -> Self {
+        let mut surveyor = Surveyor::default();
+        model.visit(&mut surveyor);
+        surveyor.survey
+    }
+
+    /// The linear weight at `weight_path` (`<module>.weight`), if the model has one.
+    pub fn linear_weight(&self, weight_path: &str) -> Option<&ParamSite> {
+        self.params
+            .iter()
+            .find(|site| site.path == weight_path && site.is_linear_weight())
+    }
+
+    /// The first reparameterization that is not ours, as `(weight path, its name)`.
+    pub fn foreign_reparameterization(&self) -> Option<(&String, &String)> {
+        self.reparameterized
+            .iter()
+            .filter(|(_, name)| name.as_str() != LoraState::NAME)
+            .min()
+    }
+}
+
+#[derive(Default)]
+struct Surveyor {
+    survey: Survey,
+    /// (segment name, container type the segment was entered from)
+    stack: Vec<(String, String)>,
+    /// Path of the last base parameter visited outside a reparameterization.
+    last_param: Option<String>,
+}
+
+impl Surveyor {
+    fn path(&self) -> String {
+        let names: Vec<&str> = self.stack.iter().map(|(name, _)| name.as_str()).collect();
+        names.join(".")
+    }
+
+    /// The `(path of the carrying weight, reparameterization name)` when inside one.
+    fn enclosing_reparameterization(&self) -> Option<(String, &str)> {
+        let index = self
+            .stack
+            .iter()
+            .position(|(_, container)| container == "Reparameterization")?;
+        let names: Vec<&str> = self.stack[..index]
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        Some((names.join("."), self.stack[index].0.as_str()))
+    }
+}
+
+impl ModuleVisitor for Surveyor {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if container_type == "Reparameterization"
+            && let Some(path) = self.last_param.take()
+        {
+            self.survey.reparameterized.insert(path, name.to_string());
+        }
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.path();
+        if let Some((weight_path, name)) = self.enclosing_reparameterization() {
+            // Our states lay out `adapters.<i>.lora_a`; the first adapter's A identifies the state.
+            if name == LoraState::NAME
+                && path == format!("{weight_path}.{}.adapters.0.lora_a", name)
+            {
+                self.survey.state_paths.insert(param.id, weight_path);
+            }
+            return;
+        }
+        let dims = param.lazy_shape().to_vec();
+        self.survey.base_params += dims.iter().product::<usize>();
+        let owner = self
+            .stack
+            .last()
+            .map(|(_, container)| container.rsplit(':').next().unwrap_or("").to_string())
+            .unwrap_or_default();
+        self.survey.params.push(ParamSite {
+            path: path.clone(),
+            owner,
+            dims,
+        });
+        self.last_param = Some(path);
+    }
+}
+
+/// The module path of a parameter path: everything before the last segment.
+pub(crate) fn module_path_of(param_path: &str) -> &str {
+    param_path.rsplit_once('.').map_or("", |(module, _)| module)
+}
