@@ -129,6 +129,11 @@ pub fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)>
 
 /// Write f32 tensors to a safetensors file.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    std::fs::write(path, safetensors_bytes(tensors)).unwrap();
+}
+
+/// f32 tensors as safetensors bytes.
+pub fn safetensors_bytes(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
@@ -141,8 +146,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) 
             (name.to_string(), view)
         })
         .collect();
-    let out = safetensors::serialize(views, None).unwrap();
-    std::fs::write(path, out).unwrap();
+    safetensors::serialize(views, None).unwrap()
 }
 
 /// One fixture case: its base model on `device`, the input and PEFT's three outputs.
