@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Print the ratios of the `linear` bench as markdown, from criterion's saved estimates.
+"""Print the ratios of the `linear` and `adapters` benches as markdown, from criterion's saved estimates.
 
-Run after `cargo bench --bench linear`. Reads $CARGO_TARGET_DIR/criterion (default: target/).
+Run after `cargo bench --bench linear` and `cargo bench --bench adapters`. Reads $CARGO_TARGET_DIR/criterion (default: target/).
 Each ratio divides two means measured in the same run.
 """
 import json
@@ -24,6 +24,11 @@ RATIOS = [
     ("train_step", "burn_apply_lora", "full_finetune", None),
     # The target is 2x one product plus one add; the baseline does that twice (merge, unmerge).
     ("merge", "merge_unmerge", "matmul_add_x2", 2.0),
+    # Throughput >= 0.8 of one adapter for the whole batch: time ratio <= 1/0.8.
+    ("mixed", "mixed_1", "single_adapter", None),
+    ("mixed", "mixed_4", "single_adapter", 1.25),
+    ("mixed", "mixed_8", "single_adapter", 1.25),
+    ("switch", "set_active", "reload", None),
 ]
 UNMERGED_TARGETS = {"forward_32x128x1024_r8": 1.10, "forward_4x128x4096_r16": 1.05}
 

@@ -307,9 +307,9 @@ mod tests {
         let a = sample(5, 5, 3);
         let (u, sigma, v) = a.svd();
         let mut us = u.clone();
-        for r in 0..us.rows {
-            for c in 0..us.cols {
-                us.set(r, c, u.get(r, c) * sigma[c]);
+        for (c, value) in sigma.iter().enumerate() {
+            for r in 0..us.rows {
+                us.set(r, c, u.get(r, c) * value);
             }
         }
         assert!(max_difference(&us.matmul(&v.transpose()), &a) < 1e-12);

@@ -14,8 +14,8 @@ use crate::{LoraAdapter, LoraState};
 /// Which adapter each sample of a batch uses, ready for
 /// [`LoraLinear::forward_mixed`](crate::LoraLinear::forward_mixed).
 ///
-/// Build it once per batch and pass it to every layer. [`LoraModule::mixed_batch`]
-/// (crate::LoraModule::mixed_batch) checks the names against the model;
+/// Build it once per batch and pass it to every layer.
+/// [`LoraModule::mixed_batch`](crate::LoraModule::mixed_batch) checks the names against the model;
 /// [`MixedBatch::new`] does not, and a layer simply adds nothing for an adapter it lacks.
 #[derive(Debug, Clone)]
 pub struct MixedBatch {

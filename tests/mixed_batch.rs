@@ -65,13 +65,13 @@ fn each_sample_gets_its_own_adapter() {
         let mixed = net.forward_mixed(x.clone(), &batch);
 
         for (i, route) in routes.iter().enumerate() {
-            let sample = x.clone().slice([i..i + 1]);
+            let sample = x.clone().narrow(0, i, 1);
             let alone = match route {
                 Some(name) => net.set_active(&[name]).unwrap(),
                 None => net.disable_adapters().unwrap(),
             };
             let expected = HostTensor::from(alone.forward(sample));
-            let got = HostTensor::from(mixed.clone().slice([i..i + 1]));
+            let got = HostTensor::from(mixed.clone().narrow(0, i, 1));
             let error = got.error_vs_max(&expected);
             assert!(
                 error < 1e-5,
