@@ -29,6 +29,13 @@ RATIOS = [
     ("mixed", "mixed_4", "single_adapter", 1.25),
     ("mixed", "mixed_8", "single_adapter", 1.25),
     ("switch", "set_active", "reload", None),
+    ("stack_forward", "merged", "plain", 1.02),
+    ("stack_forward", "unmerged", "plain", None),
+    ("stack_forward", "burn_apply_lora", "plain", None),
+    ("stack_forward", "unmerged", "burn_apply_lora", 0.80),
+    ("stack_train_step", "lora", "full_finetune", 0.70),
+    ("stack_train_step", "lora", "burn_apply_lora", 0.75),
+    ("stack_train_step", "burn_apply_lora", "full_finetune", None),
 ]
 UNMERGED_TARGETS = {"forward_32x128x1024_r8": 1.10, "forward_4x128x4096_r16": 1.05}
 

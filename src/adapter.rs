@@ -60,11 +60,17 @@ impl LoraAdapter {
 
     /// The dense update `scale · A · B`, of shape `[d_in, d_out]`, computed in f32.
     ///
-    /// This is the merge delta; the forward passes never need it.
+    /// This is the merge delta; the fast forward path never needs it.
     pub fn delta(&self) -> Tensor<2> {
+        self.scaled_delta(1.0)
+    }
+
+    /// `factor · scale · A · B` in f32. The factor goes on `A` (`[d_in, r]`) before the
+    /// product, so no pass over a weight-sized tensor is spent on scaling.
+    pub(crate) fn scaled_delta(&self, factor: f64) -> Tensor<2> {
         let a = self.lora_a.val().cast(FloatDType::F32);
         let b = self.lora_b.val().cast(FloatDType::F32);
-        a.matmul(b).mul_scalar(self.scale)
+        a.mul_scalar(self.scale * factor).matmul(b)
     }
 
     /// The adapter's contribution `scale · (dropout(x)·A)·B` for activations `x: [..., d_in]`.
@@ -174,7 +180,7 @@ impl LoraState {
         let mut weight = base.cast(FloatDType::F32);
         for &index in adapters {
             let adapter = &self.adapters[index];
-            let updated = weight.clone() + adapter.delta().mul_scalar(sign);
+            let updated = weight.clone() + adapter.scaled_delta(sign);
             if !updated.clone().is_finite().all().into_scalar::<bool>() {
                 return Err(LoraError::NonFiniteMerge {
                     path: path.to_string(),
