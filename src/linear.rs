@@ -148,6 +148,21 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// [`forward_mixed`](Self::forward_mixed) with a batch, [`forward`](Self::forward) without:
+    /// how the `nn` blocks share one code path for both.
+    pub(crate) fn forward_routed<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        batch: Option<&MixedBatch>,
+    ) -> Tensor<D> {
+        match batch {
+            Some(batch) => self.forward_mixed(input, batch),
+            None => self.forward(input),
+        }
+    }
+}
+
 impl ModuleDisplay for LoraLinear {
     fn custom_settings(&self) -> Option<DisplaySettings> {
         DisplaySettings::new()

@@ -14,7 +14,7 @@ use burn::tensor::Tensor;
 
 use crate::adapter::detaching::detach_states;
 use crate::survey::Survey;
-use crate::{LoraError, LoraState};
+use crate::{LoraAdapter, LoraError, LoraState};
 
 /// A model taken apart: the plain model, and its LoRA states keyed by weight path.
 pub(crate) struct Snapshot<M> {
@@ -68,31 +68,24 @@ impl<M: Module> Snapshot<M> {
 
     /// The distinct adapter names, in the order they first appear.
     pub fn adapter_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
-            if !names.contains(&adapter.name) {
-                names.push(adapter.name.clone());
-            }
-        }
-        names
+        self.names_where(|_| true)
     }
 
     /// The names of the active adapters, in the order they first appear.
     pub fn active_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
-            if adapter.active && !names.contains(&adapter.name) {
-                names.push(adapter.name.clone());
-            }
-        }
-        names
+        self.names_where(|adapter| adapter.active)
     }
 
     /// The names of the adapters folded into a base weight somewhere.
     pub fn merged_names(&self) -> Vec<String> {
+        self.names_where(|adapter| adapter.merged)
+    }
+
+    /// The distinct names of the adapters for which `pick` holds, in order of first appearance.
+    fn names_where(&self, pick: impl Fn(&LoraAdapter) -> bool) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
-            if adapter.merged && !names.contains(&adapter.name) {
+            if pick(adapter) && !names.contains(&adapter.name) {
                 names.push(adapter.name.clone());
             }
         }

@@ -122,3 +122,53 @@ fn routing_is_checked_against_the_model() {
         Err(LoraError::AdaptersMerged { .. })
     ));
 }
+
+#[test]
+fn a_transformer_encoder_routes_each_sample_through_every_layer() {
+    use burn::nn::transformer::TransformerEncoderConfig;
+    use burn_lora::nn::{TransformerEncoder, TransformerEncoderInput};
+
+    for (backend, device) in devices() {
+        device.seed(13);
+        let encoder: TransformerEncoder = TransformerEncoderConfig::new(16, 32, 2, 2)
+            .with_dropout(0.0)
+            .init(&device)
+            .into();
+        let everything = Targets::new(
+            [
+                Targets::attention().include,
+                Targets::feed_forward().include,
+            ]
+            .concat(),
+        );
+        let (encoder, _) = encoder
+            .add_adapter("a", &LoraConfig::new(2).with_targets(everything.clone()))
+            .unwrap();
+        let (encoder, _) = encoder
+            .add_adapter(
+                "b",
+                &LoraConfig::new(4).with_targets(Targets::attention_qv()),
+            )
+            .unwrap();
+        let encoder = randomize(encoder, "lora_b", 0.5);
+
+        let routes = [Some("a"), None, Some("b"), Some("a")];
+        let x = Tensor::<3>::random([routes.len(), 5, 16], Distribution::Default, &device);
+        let batch = encoder.mixed_batch(&routes).unwrap();
+        let mixed = encoder.forward_mixed(TransformerEncoderInput::new(x.clone()), &batch);
+        for (i, route) in routes.iter().enumerate() {
+            let alone = match route {
+                Some(name) => encoder.set_active(&[name]).unwrap(),
+                None => encoder.disable_adapters().unwrap(),
+            };
+            let expected = HostTensor::from(
+                alone.forward(TransformerEncoderInput::new(x.clone().narrow(0, i, 1))),
+            );
+            let error = HostTensor::from(mixed.clone().narrow(0, i, 1)).error_vs_max(&expected);
+            assert!(
+                error < 1e-5,
+                "{backend}: sample {i} ({route:?}): error {error}"
+            );
+        }
+    }
+}

@@ -7,7 +7,7 @@ use burn::nn::attention::MhaOutput;
 use burn::tensor::activation::{quiet_softmax, softmax};
 use burn::tensor::{Bool, Tensor, assert_shape};
 
-use crate::LoraLinear;
+use crate::{LoraLinear, MixedBatch};
 
 /// Burn's `MultiHeadAttention` (attention is all you need), with `LoraLinear` projections.
 ///
@@ -114,15 +114,34 @@ impl MultiHeadAttention {
     /// Panics if the inputs' last axis is not `d_model`, or if the key and value disagree on
     /// batch or length.
     pub fn forward(&self, input: MhaInput) -> MhaOutput {
+        self.attend(input, None)
+    }
+
+    /// [`forward`](Self::forward) with each sample's projections through its own adapter, as
+    /// `batch` routes them (see [`LoraLinear::forward_mixed`]).
+    ///
+    /// # Shapes
+    ///
+    /// As [`forward`](Self::forward); `batch` routes `batch_size` samples.
+    ///
+    /// # Panics
+    ///
+    /// As [`forward`](Self::forward), and if `batch` routes another number of samples or an
+    /// adapter of a projection is merged.
+    pub fn forward_mixed(&self, input: MhaInput, batch: &MixedBatch) -> MhaOutput {
+        self.attend(input, Some(batch))
+    }
+
+    pub(crate) fn attend(&self, input: MhaInput, routing: Option<&MixedBatch>) -> MhaOutput {
         let [batch_size, seq_length_q, d_model] = input.query.dims();
         let [_, seq_length_kv, _] = input.key.dims();
         assert_shape!(input.query, [_, _, self.d_model]);
         assert_shape!(input.key, [batch_size, _, self.d_model]);
         assert_shape!(input.value, [batch_size, seq_length_kv, self.d_model]);
 
-        let query = self.split_heads(self.query.forward(input.query));
-        let key = self.split_heads(self.key.forward(input.key));
-        let value = self.split_heads(self.value.forward(input.value));
+        let query = self.split_heads(self.query.forward_routed(input.query, routing));
+        let key = self.split_heads(self.key.forward_routed(input.key, routing));
+        let value = self.split_heads(self.value.forward_routed(input.value, routing));
 
         let scores = query
             .matmul(key.transpose())
@@ -136,7 +155,7 @@ impl MultiHeadAttention {
         ]);
         MhaOutput {
             weights,
-            context: self.output.forward(context),
+            context: self.output.forward_routed(context, routing),
         }
     }
 

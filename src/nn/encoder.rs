@@ -5,6 +5,7 @@ use burn::nn::{Dropout, LayerNorm};
 use burn::tensor::{Bool, Tensor};
 
 use super::{MhaInput, MultiHeadAttention, PositionWiseFeedForward};
+use crate::MixedBatch;
 
 /// Burn's transformer encoder, built from [`TransformerEncoderLayer`]s with LoRA-ready
 /// attention and feed-forward blocks.
@@ -90,8 +91,28 @@ impl TransformerEncoder {
     ///
     /// Panics if the input's last axis is not `d_model`.
     pub fn forward(&self, input: TransformerEncoderInput) -> Tensor<3> {
+        self.encode(input, None)
+    }
+
+    /// [`forward`](Self::forward) with each sample through its own adapter in every layer, as
+    /// `batch` routes them: one frozen encoder serving many tasks in one batch.
+    ///
+    /// # Shapes
+    ///
+    /// As [`forward`](Self::forward); `batch` routes `batch_size` samples.
+    ///
+    /// # Panics
+    ///
+    /// As [`forward`](Self::forward), and if `batch` routes another number of samples or an
+    /// adapter is merged ([`LoraModule::mixed_batch`](crate::LoraModule::mixed_batch) checks
+    /// both names and merges up front).
+    pub fn forward_mixed(&self, input: TransformerEncoderInput, batch: &MixedBatch) -> Tensor<3> {
+        self.encode(input, Some(batch))
+    }
+
+    fn encode(&self, input: TransformerEncoderInput, routing: Option<&MixedBatch>) -> Tensor<3> {
         self.layers.iter().fold(input.tensor, |x, layer| {
-            layer.forward(x, input.mask_pad.clone(), input.mask_attn.clone())
+            layer.apply(x, input.mask_pad.clone(), input.mask_attn.clone(), routing)
         })
     }
 }
@@ -145,6 +166,37 @@ impl TransformerEncoderLayer {
         mask_pad: Option<Tensor<2, Bool>>,
         mask_attn: Option<Tensor<3, Bool>>,
     ) -> Tensor<3> {
+        self.apply(input, mask_pad, mask_attn, None)
+    }
+
+    /// [`forward`](Self::forward) with each sample through its own adapter, as `batch` routes
+    /// them.
+    ///
+    /// # Shapes
+    ///
+    /// As [`forward`](Self::forward).
+    ///
+    /// # Panics
+    ///
+    /// As [`forward`](Self::forward), and if `batch` routes another number of samples or an
+    /// adapter is merged.
+    pub fn forward_mixed(
+        &self,
+        input: Tensor<3>,
+        mask_pad: Option<Tensor<2, Bool>>,
+        mask_attn: Option<Tensor<3, Bool>>,
+        batch: &MixedBatch,
+    ) -> Tensor<3> {
+        self.apply(input, mask_pad, mask_attn, Some(batch))
+    }
+
+    fn apply(
+        &self,
+        input: Tensor<3>,
+        mask_pad: Option<Tensor<2, Bool>>,
+        mask_attn: Option<Tensor<3, Bool>>,
+        routing: Option<&MixedBatch>,
+    ) -> Tensor<3> {
         // Burn's order: with norm_first, norm_2 comes before attention and norm_1 before the
         // feed-forward block; without it, norm_1 follows attention and norm_2 the block.
         let attention_input = match self.norm_first {
@@ -158,7 +210,7 @@ impl TransformerEncoderLayer {
         if let Some(mask_attn) = mask_attn {
             attention = attention.mask_attn(mask_attn);
         }
-        let context = self.mha.forward(attention).context;
+        let context = self.mha.attend(attention, routing).context;
         let mut x = input + self.dropout.forward(context);
 
         let feed_forward_input = match self.norm_first {
@@ -168,7 +220,7 @@ impl TransformerEncoderLayer {
                 x.clone()
             }
         };
-        let feed_forward = self.pwff.forward(feed_forward_input);
+        let feed_forward = self.pwff.apply(feed_forward_input, routing);
         let x = x + self.dropout.forward(feed_forward);
         match self.norm_first {
             true => x,

@@ -5,7 +5,7 @@ use burn::nn::Dropout;
 use burn::nn::activation::Activation;
 use burn::tensor::{Tensor, assert_shape};
 
-use crate::LoraLinear;
+use crate::{LoraLinear, MixedBatch};
 
 /// Burn's position-wise feed-forward block, `linear_outer(dropout(act(linear_inner(x))))`, with
 /// `LoraLinear` layers.
@@ -50,10 +50,36 @@ impl PositionWiseFeedForward {
     ///
     /// Panics if the last axis of `input` is not `d_model`.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        self.apply(input, None)
+    }
+
+    /// [`forward`](Self::forward) with each sample through its own adapter, as `batch` routes
+    /// them (see [`LoraLinear::forward_mixed`]).
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[batch, ..., d_model]`
+    /// - output: `[batch, ..., d_model]`
+    ///
+    /// # Panics
+    ///
+    /// As [`forward`](Self::forward), and if `batch` routes another number of samples or an
+    /// adapter of a layer is merged.
+    pub fn forward_mixed<const D: usize>(&self, input: Tensor<D>, batch: &MixedBatch) -> Tensor<D> {
+        self.apply(input, Some(batch))
+    }
+
+    pub(crate) fn apply<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        routing: Option<&MixedBatch>,
+    ) -> Tensor<D> {
         let [d_model, _] = self.linear_inner.weight.shape().dims();
         assert_shape!(input, [.., d_model]);
-        let hidden = self.activation.forward(self.linear_inner.forward(input));
-        self.linear_outer.forward(self.dropout.forward(hidden))
+        let inner = self.linear_inner.forward_routed(input, routing);
+        let hidden = self.activation.forward(inner);
+        self.linear_outer
+            .forward_routed(self.dropout.forward(hidden), routing)
     }
 }
 
