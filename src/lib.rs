@@ -17,6 +17,11 @@
 //!   reparameterization on the weight's `Param` ([`LoraState`]), so any Burn model can be
 //!   adapted without changing its code.
 //! - **merge / unmerge**: fold `s·A·B` into `W` and take it back out ([`LoraModule`]).
+//! - **named adapters**: many adapters per model; the *active* ones add up, switching copies
+//!   no weight, and [`LoraLinear::forward_mixed`] gives each sample of a batch its own
+//!   ([`LoraModule::add_adapter`], [`LoraModule::set_active`], [`MixedBatch`]).
+//! - **adapter files**: PEFT's `adapter_model.safetensors` + `adapter_config.json`, read and
+//!   written exactly ([`peft`]).
 //!
 //! ## Example
 //!
