@@ -7,8 +7,6 @@
 //! python3 benches/ratios.py                     # the ratios, as in docs/benchmarks.md
 //! ```
 
-use std::time::Duration;
-
 use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::prelude::*;
@@ -16,6 +14,9 @@ use burn::tensor::Distribution;
 use burn_lora::peft::{load_adapter, save_adapter};
 use burn_lora::{LoraConfig, LoraLinear, LoraModule, MixedBatch, Targets};
 use criterion::{Criterion, criterion_group, criterion_main};
+
+#[path = "support/timing.rs"]
+mod timing;
 
 #[derive(Module, Debug)]
 struct Layer {
@@ -64,12 +65,8 @@ fn mixed(c: &mut Criterion) {
 
     // The baseline: the whole batch through one active adapter, the plain fast path.
     let single = layer.set_active(&["tenant_0"]).expect("known");
-    group.bench_function("single_adapter", |b| {
-        b.iter(|| {
-            let output = single.proj.forward(x.clone());
-            device.sync().expect("device sync");
-            output
-        })
+    timing::time_forward(&mut group, "single_adapter", &device, || {
+        single.proj.forward(x.clone())
     });
     for adapters in [1, 4, 8] {
         let names: Vec<String> = (0..batch)
@@ -77,12 +74,8 @@ fn mixed(c: &mut Criterion) {
             .collect();
         let routes: Vec<Option<&str>> = names.iter().map(|n| Some(n.as_str())).collect();
         let routing = MixedBatch::new(&routes, &device);
-        group.bench_function(format!("mixed_{adapters}"), |b| {
-            b.iter(|| {
-                let output = layer.proj.forward_mixed(x.clone(), &routing);
-                device.sync().expect("device sync");
-                output
-            })
+        timing::time_forward(&mut group, &format!("mixed_{adapters}"), &device, || {
+            layer.proj.forward_mixed(x.clone(), &routing)
         });
     }
 }
@@ -145,16 +138,9 @@ fn switching(c: &mut Criterion) {
     });
 }
 
-fn criterion_config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(8))
-}
-
 criterion_group! {
     name = benches;
-    config = criterion_config();
+    config = timing::config(1, 8);
     targets = mixed, switching
 }
 criterion_main!(benches);

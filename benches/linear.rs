@@ -7,16 +7,15 @@
 //! python3 benches/ratios.py                     # the ratios, as in docs/benchmarks.md
 //! ```
 
-use std::time::Duration;
+#[path = "support/timing.rs"]
+mod timing;
 
 use burn::module::{Lora, Module};
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_lora::{LoraConfig, LoraLinear, LoraModule, Targets};
-use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 
 /// `(batch, seq, d_model, rank)`: the shapes the issue asks for.
 const SHAPES: [(usize, usize, usize, usize); 2] = [(32, 128, 1024, 8), (4, 128, 4096, 16)];
@@ -84,17 +83,10 @@ fn burn_apply_lora(d_model: usize, rank: usize, device: &Device) -> Plain {
     .apply_lora(Lora::new(rank, 2.0 * rank as f64))
 }
 
-type Group<'a> = BenchmarkGroup<'a, WallTime>;
+use timing::Group;
 
 fn time_forward<M: Layer>(group: &mut Group, name: &str, model: M, x: &Tensor<3>) {
-    let device = x.device();
-    group.bench_function(name, |b| {
-        b.iter(|| {
-            let output = model.forward(x.clone());
-            device.sync().expect("device sync");
-            output
-        })
-    });
+    timing::time_forward(group, name, &x.device(), || model.forward(x.clone()));
 }
 
 fn forward(c: &mut Criterion) {
@@ -125,17 +117,8 @@ fn forward(c: &mut Criterion) {
 /// One step: forward, mean loss, backward, AdamW. The input requires a gradient, as the input
 /// of any layer but the first does, so every variant computes `dx`.
 fn time_train_step<M: Layer>(group: &mut Group, name: &str, model: M, x: &Tensor<3>) {
-    let device = x.device();
-    let mut optimizer = AdamWConfig::new().init();
-    let mut model = Some(model);
-    group.bench_function(name, |b| {
-        b.iter(|| {
-            let current = model.take().expect("model");
-            let loss = current.forward(x.clone()).mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &current);
-            model = Some(optimizer.step(1e-4, current, grads));
-            device.sync().expect("device sync");
-        })
+    timing::time_train_step(group, name, &x.device(), model, |model| {
+        model.forward(x.clone()).mean()
     });
 }
 
@@ -186,16 +169,9 @@ fn merge(c: &mut Criterion) {
     });
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(8))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = timing::config(1, 8);
     targets = forward, train_step, merge
 }
 criterion_main!(benches);

@@ -9,47 +9,21 @@
 
 #[path = "support/stack.rs"]
 mod stack;
+#[path = "support/timing.rs"]
+mod timing;
 
-use std::time::Duration;
-
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use criterion::{Criterion, criterion_group, criterion_main};
 use stack::Encoder;
+use timing::Group;
 
-fn time_forward<M: Encoder>(
-    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    model: M,
-    x: &Tensor<3>,
-) {
-    let device = x.device();
-    c.bench_function(name, |b| {
-        b.iter(|| {
-            let output = model.encode(x.clone());
-            device.sync().expect("device sync");
-            output
-        })
-    });
+fn time_forward<M: Encoder>(group: &mut Group, name: &str, model: M, x: &Tensor<3>) {
+    timing::time_forward(group, name, &x.device(), || model.encode(x.clone()));
 }
 
-fn time_train_step<M: Encoder>(
-    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    model: M,
-    x: &Tensor<3>,
-) {
-    let device = x.device();
-    let mut optimizer = AdamWConfig::new().init();
-    let mut model = Some(model);
-    c.bench_function(name, |b| {
-        b.iter(|| {
-            let current = model.take().expect("model");
-            let loss = stack::loss(&current, x);
-            let grads = GradientsParams::from_grads(loss.backward(), &current);
-            model = Some(optimizer.step(1e-4, current, grads));
-            device.sync().expect("device sync");
-        })
+fn time_train_step<M: Encoder>(group: &mut Group, name: &str, model: M, x: &Tensor<3>) {
+    timing::time_train_step(group, name, &x.device(), model, |model| {
+        stack::loss(model, x)
     });
 }
 
@@ -84,16 +58,9 @@ fn train_step(c: &mut Criterion) {
     );
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(15))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = timing::config(2, 15);
     targets = forward, train_step
 }
 criterion_main!(benches);

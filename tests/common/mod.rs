@@ -65,12 +65,20 @@ pub fn param_ids<M: Module>(model: &M) -> BTreeMap<String, ParamId> {
         .collect()
 }
 
-/// The raw data of every base parameter (adapter factors left out), for bit-exact comparisons.
-pub fn base_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
+/// The raw data of every float parameter by path, adapter factors included, for bit-exact
+/// comparisons.
+pub fn raw_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
     params(model)
         .into_iter()
-        .filter(|(path, _, _)| !path.contains(".lora."))
         .map(|(path, _, data)| (path, data))
+        .collect()
+}
+
+/// The raw data of every base parameter (adapter factors left out), for bit-exact comparisons.
+pub fn base_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
+    raw_data(model)
+        .into_iter()
+        .filter(|(path, _)| !path.contains(".lora."))
         .collect()
 }
 
