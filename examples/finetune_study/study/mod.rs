@@ -1,0 +1,374 @@
+//! The fine-tuning study: pretrain a small transformer on task A, adapt it to task B (dialogue
+//! summarisation) with full fine-tuning and with LoRA, sweep LoRA's rank, and check the
+//! quality bars. Each run is a process of its own, so each peak memory is its own.
+
+pub mod corpus;
+pub mod memory;
+pub mod model;
+pub mod plot;
+pub mod preset;
+pub mod report;
+pub mod rouge;
+pub mod run;
+pub mod train;
+pub mod variant;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use burn::prelude::Device;
+
+use preset::Preset;
+use report::Study;
+use variant::{RunResult, Variant};
+
+const USAGE: &str =
+    "usage: finetune_study [--quick | --miniature] [--seed N] [--out DIR] [--work DIR]
+
+  --quick      fewer steps and ranks: under 2 minutes on 2 cores
+  --miniature  a few steps of a tiny model: checks the pipeline, not the quality
+  --seed N     the seed of the data, the initialisation and dropout (default 42)
+  --full-lr X  full fine-tuning's peak learning rate (default 0.004)
+  --lora-lr X  LoRA's peak learning rate (default 0.02)
+  --out DIR    where the table and plot go (default docs/results)
+  --work DIR   where models, adapters and per-run results go
+               (default $CARGO_TARGET_DIR/finetune_study, else target/finetune_study)";
+
+/// The study's command line. Exits non-zero when a quality bar is missed or a run fails.
+pub fn main(args: Vec<String>) -> ExitCode {
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the study (or, with `--child`, one of its runs) as the command line says. Ok(false)
+/// when a quality bar is missed.
+pub fn run(args: &[String]) -> Result<bool, String> {
+    Options::parse(args).and_then(|options| options.execute())
+}
+
+#[derive(Clone, Debug)]
+struct Options {
+    preset: Preset,
+    seed: u64,
+    out: PathBuf,
+    work: PathBuf,
+    /// Set in a child process: the task (`pretrain` or a variant id) and the run's name.
+    child: Option<(String, String)>,
+    /// Whether a child draws its progress bar.
+    progress: bool,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let mut preset = Preset::full();
+        let mut seed = 42;
+        let mut out = PathBuf::from("docs/results");
+        let mut work = None;
+        let mut task = None;
+        let mut run = None;
+        let (mut full_lr, mut lora_lr) = (None, None);
+        let mut progress = true;
+        let mut args = args.iter().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || {
+                args.next()
+                    .cloned()
+                    .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))
+            };
+            match arg.as_str() {
+                "--quick" => preset = Preset::quick(),
+                "--miniature" => preset = Preset::miniature(),
+                "--preset" => {
+                    let name = value()?;
+                    preset = Preset::by_name(&name).ok_or(format!("unknown preset `{name}`"))?;
+                }
+                "--seed" => {
+                    seed = value()?
+                        .parse()
+                        .map_err(|_| format!("--seed takes a whole number\n{USAGE}"))?
+                }
+                "--full-lr" => full_lr = Some(learning_rate(arg, value()?)?),
+                "--lora-lr" => lora_lr = Some(learning_rate(arg, value()?)?),
+                "--out" => out = PathBuf::from(value()?),
+                "--work" => work = Some(PathBuf::from(value()?)),
+                "--child" => task = Some(value()?),
+                "--run" => run = Some(value()?),
+                "--no-progress" => progress = false,
+                "-h" | "--help" => return Err(USAGE.to_string()),
+                other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+            }
+        }
+        // Applied after the preset, whichever order the flags came in.
+        preset.full_lr = full_lr.unwrap_or(preset.full_lr);
+        preset.lora_lr = lora_lr.unwrap_or(preset.lora_lr);
+        let work = work.unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or("target".into());
+            PathBuf::from(target).join("finetune_study")
+        });
+        let child = match (task, run) {
+            (Some(task), run) => Some((task.clone(), run.unwrap_or(task))),
+            (None, None) => None,
+            (None, Some(_)) => return Err("--run needs --child".into()),
+        };
+        Ok(Self {
+            preset,
+            seed,
+            out,
+            work,
+            child,
+            progress,
+        })
+    }
+
+    /// Runs the study, or one child's task. Ok(false) when a quality bar is missed.
+    fn execute(&self) -> Result<bool, String> {
+        match &self.child {
+            Some((task, run)) if task == "pretrain" => {
+                run::pretrain(&self.preset, self.seed, &self.work, self.progress).map(|_| true)
+            }
+            Some((task, run_name)) => {
+                let variant = Variant::parse(task).ok_or(format!("unknown variant `{task}`"))?;
+                run::finetune(
+                    &self.preset,
+                    self.seed,
+                    variant,
+                    &self.work,
+                    run_name,
+                    self.progress,
+                )
+                .map(|_| true)
+            }
+            None => self.study(),
+        }
+    }
+
+    fn study(&self) -> Result<bool, String> {
+        let start = Instant::now();
+        // Start from an empty work directory: no result of an earlier study can leak in.
+        if self.work.exists() {
+            std::fs::remove_dir_all(&self.work)
+                .map_err(|e| format!("cannot clear {}: {e}", self.work.display()))?;
+        }
+        std::fs::create_dir_all(&self.work)
+            .map_err(|e| format!("cannot create {}: {e}", self.work.display()))?;
+        std::fs::create_dir_all(&self.out)
+            .map_err(|e| format!("cannot create {}: {e}", self.out.display()))?;
+
+        let comparison = [
+            Variant::Base,
+            Variant::Full,
+            Variant::LoraQv(8),
+            Variant::LoraQkvo(8),
+        ];
+        let sweep: Vec<usize> = self.preset.ranks.to_vec();
+        // The comparison runs one process at a time, so that their step times and peak memory
+        // are measured on a quiet machine. The sweep reports neither, so its runs share the
+        // cores, a process per core (each run's numbers do not depend on what runs beside it).
+        let mut stages: Vec<Vec<(Variant, String)>> =
+            comparison.iter().map(|v| vec![(*v, v.id())]).collect();
+        let extra_ranks: Vec<(Variant, String)> = sweep
+            .iter()
+            .map(|r| Variant::LoraQv(*r))
+            .filter(|v| !comparison.contains(v))
+            .map(|v| (v, v.id()))
+            .collect();
+        let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+        stages.extend(extra_ranks.chunks(jobs).map(<[_]>::to_vec));
+        stages.push(vec![(Variant::LoraQkvo(8), "lora_qkvo_r8_repeat".into())]);
+        let total = stages.iter().map(Vec::len).sum::<usize>() + 1;
+
+        eprintln!("[1/{total}] pretraining the base on task A");
+        self.spawn_all(&[("pretrain".into(), "pretrain".into())])?;
+        let pretrain = run::read_json(&run::result_path(&self.work, "pretrain"))?;
+        let mut results = Vec::new();
+        for stage in &stages {
+            let names: Vec<String> = stage
+                .iter()
+                .map(|(variant, name)| format!("{} ({name})", variant.label()))
+                .collect();
+            let first = results.len() + 2;
+            let last = first + stage.len() - 1;
+            match stage.len() {
+                1 => eprintln!("[{first}/{total}] {}", names[0]),
+                _ => eprintln!(
+                    "[{first}-{last}/{total}] side by side: {}",
+                    names.join(", ")
+                ),
+            }
+            let tasks: Vec<(String, String)> = stage
+                .iter()
+                .map(|(v, name)| (v.id(), name.clone()))
+                .collect();
+            self.spawn_all(&tasks)?;
+            for (variant, name) in stage {
+                let value = run::read_json(&run::result_path(&self.work, name))?;
+                let result = RunResult::from_json(&value)
+                    .ok_or(format!("the results of run `{name}` are incomplete"))?;
+                let trained = match variant {
+                    Variant::Base => "no training".to_string(),
+                    _ => format!("{:.1} s of training", result.train_seconds),
+                };
+                eprintln!(
+                    "      {name}: ROUGE-1 {:.3}, validation loss {:.4}, {trained}",
+                    result.rouge1,
+                    result.final_val_loss(),
+                );
+                results.push((*variant, name.clone(), result));
+            }
+        }
+        let find = |name: &str| {
+            results
+                .iter()
+                .find(|(_, n, _)| n == name)
+                .map(|(_, _, r)| r.clone())
+                .expect("every run has a result")
+        };
+        let study = Study {
+            preset: self.preset.clone(),
+            seed: self.seed,
+            command: self.command(),
+            machine: machine(),
+            backend: format!("{:?}", Device::default()),
+            wall_seconds: start.elapsed().as_secs_f64(),
+            pretrain_seconds: pretrain["seconds"].as_f64().unwrap_or(f64::NAN),
+            base_params: pretrain["params"].as_u64().unwrap_or(0) as usize,
+            pretrain_loss: pretrain["curve"]
+                .as_array()
+                .and_then(|c| c.last())
+                .and_then(|p| p[1].as_f64())
+                .unwrap_or(f64::NAN),
+            comparison: comparison.iter().map(|v| (*v, find(&v.id()))).collect(),
+            sweep: sweep
+                .iter()
+                .map(|r| (*r, find(&Variant::LoraQv(*r).id())))
+                .collect(),
+            repeat: find("lora_qkvo_r8_repeat"),
+        };
+        let bars = study.bars();
+        let stem = match self.preset.name {
+            "full" => "finetune_study".to_string(),
+            other => format!("finetune_study_{other}"),
+        };
+        let markdown = study
+            .markdown(&bars)
+            .replace("(finetune_study.png)", &format!("({stem}.png)"));
+        let table = self.out.join(format!("{stem}.md"));
+        std::fs::write(&table, &markdown)
+            .map_err(|e| format!("cannot write {}: {e}", table.display()))?;
+        let figure = self.out.join(format!("{stem}.png"));
+        plot::draw(&study, &figure)?;
+        println!("{markdown}");
+        println!("wrote {} and {}", table.display(), figure.display());
+
+        // A miniature run is too short to learn: only determinism is held to its bar there.
+        let enforced: Vec<_> = bars
+            .iter()
+            .filter(|bar| self.preset.checks_quality() || bar.name.starts_with("deterministic"))
+            .collect();
+        let missed: Vec<_> = enforced
+            .iter()
+            .filter(|b| b.passed == Some(false))
+            .collect();
+        for bar in &missed {
+            eprintln!("quality bar missed: {} ({})", bar.name, bar.detail);
+        }
+        Ok(missed.is_empty())
+    }
+
+    /// Runs each (task, run) in a fresh process of this same program, all at once, and waits
+    /// for them. Several at once draw no progress bars, which would overwrite each other.
+    fn spawn_all(&self, tasks: &[(String, String)]) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let mut children = Vec::new();
+        for (task, run) in tasks {
+            let mut command = Command::new(&exe);
+            command
+                .args(["--child", task, "--run", run, "--preset", self.preset.name])
+                .args(["--seed", &self.seed.to_string()])
+                .args(["--full-lr", &self.preset.full_lr.to_string()])
+                .args(["--lora-lr", &self.preset.lora_lr.to_string()])
+                .arg("--work")
+                .arg(&self.work);
+            if tasks.len() > 1 {
+                command.arg("--no-progress");
+            }
+            let child = command
+                .spawn()
+                .map_err(|e| format!("cannot start the `{run}` run: {e}"))?;
+            children.push((run, child));
+        }
+        let mut failures = Vec::new();
+        for (run, mut child) in children {
+            match child.wait() {
+                Ok(status) if status.success() => {}
+                Ok(status) => failures.push(format!("the `{run}` run failed ({status})")),
+                Err(e) => failures.push(format!("the `{run}` run was lost: {e}")),
+            }
+        }
+        match failures.is_empty() {
+            true => Ok(()),
+            false => Err(failures.join("; ")),
+        }
+    }
+
+    fn command(&self) -> String {
+        let mut command = "cargo run --release --example finetune_study".to_string();
+        let default = Preset::by_name(self.preset.name).expect("a known preset");
+        let mut flags = Vec::new();
+        if self.preset.name != "full" {
+            flags.push(format!("--{}", self.preset.name));
+        }
+        if self.seed != 42 {
+            flags.push(format!("--seed {}", self.seed));
+        }
+        if self.preset.full_lr != default.full_lr {
+            flags.push(format!("--full-lr {}", self.preset.full_lr));
+        }
+        if self.preset.lora_lr != default.lora_lr {
+            flags.push(format!("--lora-lr {}", self.preset.lora_lr));
+        }
+        if !flags.is_empty() {
+            command += &format!(" -- {}", flags.join(" "));
+        }
+        command
+    }
+}
+
+fn learning_rate(flag: &str, value: String) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|lr| lr.is_finite() && *lr > 0.0)
+        .ok_or(format!("{flag} takes a positive number, not `{value}`"))
+}
+
+/// The CPU, its cores and the OS, as far as this system says.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|name| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|release| {
+            release
+                .lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|name| name.trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::OS.to_string());
+    format!("{cpu}, {cores} cores, {os}")
+}

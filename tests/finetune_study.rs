@@ -1,0 +1,217 @@
+//! The fine-tuning study (`examples/finetune_study`) in miniature: a few steps of a tiny model,
+//! through the whole pipeline (pretraining, every variant in a process of its own, adapter and
+//! model files, table, plot, bars), twice, to check that it works and is deterministic.
+//!
+//! This test has its own `main` (harness = false): the study starts its runs as child
+//! processes of the running program, and here that program is this test.
+
+#[path = "../examples/finetune_study/study/mod.rs"]
+mod study;
+
+use std::path::{Path, PathBuf};
+
+use study::corpus::{self, Rng, Vocab};
+use study::preset::Preset;
+use study::rouge::rouge1;
+use study::run::{read_json, result_path};
+use study::variant::{RunResult, Variant};
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|arg| arg == "--child") {
+        return study::main(args);
+    }
+    rouge_matches_hand_counts();
+    corpus_is_deterministic_and_summaries_follow_the_dialogue();
+    miniature_study_runs_end_to_end_and_reruns_identically();
+    println!("finetune_study: 3 tests passed");
+    std::process::ExitCode::SUCCESS
+}
+
+/// ROUGE-1 against counts worked out by hand.
+fn rouge_matches_hand_counts() {
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    // 2 of 3 words shared each way.
+    let r = rouge1(&["the", "cat", "sat"], &["the", "cat", "ran"]);
+    assert!(close(r.precision, 2.0 / 3.0) && close(r.recall, 2.0 / 3.0) && close(r.f1, 2.0 / 3.0));
+    // Clipped counts: "the" twice in the candidate matches one "the"; punctuation is ignored.
+    let r = rouge1(&["the", "the", "dog", "."], &["the", "dog", "barks", "!"]);
+    assert!(close(r.precision, 2.0 / 3.0), "{r:?}");
+    assert!(close(r.recall, 2.0 / 3.0), "{r:?}");
+    // `'s` counts as `s`; case does not matter.
+    let r = rouge1(&["Bob", "'s"], &["bob", "s", "bike"]);
+    assert!(close(r.precision, 1.0) && close(r.recall, 2.0 / 3.0) && close(r.f1, 0.8));
+    // Nothing shared, and nothing at all.
+    assert_eq!(rouge1(&["a"], &["b"]).f1, 0.0);
+    assert_eq!(rouge1(&[], &[]).f1, 0.0);
+}
+
+fn corpus_is_deterministic_and_summaries_follow_the_dialogue() {
+    let draw = |seed| {
+        let mut rng = Rng::new(seed);
+        (0..200)
+            .map(|_| corpus::example(&mut rng))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(draw(7), draw(7), "the same seed gives the same corpus");
+    assert_ne!(draw(7), draw(8), "another seed gives another corpus");
+
+    let vocab = Vocab::new();
+    for example in draw(7) {
+        // Every name, day, place, item, price and event of a summary comes from its dialogue.
+        for word in &example.summary {
+            let is_content = word.chars().all(|c| c.is_ascii_alphanumeric())
+                && ![
+                    "and", "will", "meet", "on", "at", "the", "buy", "for", "dollars", "go", "to",
+                    "cannot", "with",
+                ]
+                .contains(word);
+            assert!(
+                !is_content || example.dialogue.contains(word),
+                "`{word}` of {:?} is not in {:?}",
+                example.summary,
+                example.dialogue
+            );
+        }
+        // Task B predicts the summary and the end token, and nothing of the dialogue.
+        let sequence = corpus::summarisation_sequence(&vocab, &example);
+        let predicted = sequence.targets.iter().filter(|t| **t).count();
+        assert_eq!(predicted, example.summary.len() + 1);
+        let prompt = corpus::prompt(&vocab, &example);
+        assert_eq!(&sequence.tokens[..prompt.len()], prompt.as_slice());
+    }
+}
+
+fn miniature_study_runs_end_to_end_and_reruns_identically() {
+    let root = std::env::temp_dir().join(format!("burn-lora-study-test-{}", std::process::id()));
+    let first = run_miniature(&root.join("first"));
+    let second = run_miniature(&root.join("second"));
+    let preset = Preset::miniature();
+    let d = preset.d_model;
+    for name in run_names() {
+        let a = &first[&name];
+        let b = &second[&name];
+        assert_eq!(a.outcome(), b.outcome(), "run `{name}` differs on a rerun");
+
+        let variant = Variant::parse(name.trim_end_matches("_repeat")).expect("a variant");
+        // Trainable parameters, counted independently of the library's report.
+        let expected = match variant {
+            Variant::Base => 0,
+            Variant::Full => a.total_params,
+            Variant::LoraQv(r) => preset.n_layers * 2 * r * (d + d),
+            Variant::LoraQkvo(r) => preset.n_layers * 4 * r * (d + d),
+        };
+        assert_eq!(
+            a.trainable_params, expected,
+            "trainable parameters of `{name}`"
+        );
+        // Step 0 and every eval_every steps up to the last.
+        let steps: Vec<usize> = a.curve.iter().map(|(s, _)| *s).collect();
+        match variant {
+            Variant::Base => assert_eq!(steps, vec![0]),
+            _ => assert_eq!(steps, vec![0, 2, 3], "validation points of `{name}`"),
+        }
+        assert!(
+            a.curve
+                .iter()
+                .all(|(_, loss)| loss.is_finite() && *loss > 0.0)
+        );
+        assert!((0.0..=1.0).contains(&a.rouge1));
+        // What each variant ships: the model, or PEFT's two adapter files, far smaller.
+        let shipped = root.join("first").join("work").join(&name);
+        if variant.lora().is_some() {
+            for file in ["adapter_model.safetensors", "adapter_config.json"] {
+                assert!(shipped.join(file).is_file(), "`{name}` lacks {file}");
+            }
+            assert!(a.disk_bytes < first["full"].disk_bytes / 2);
+        } else {
+            assert!(
+                shipped.join("model.bpk").is_file(),
+                "`{name}` lacks model.bpk"
+            );
+        }
+    }
+    // Full fine-tuning moves the validation loss from the base's (a few steps do that much).
+    let base_loss = first["base"].final_val_loss();
+    assert_ne!(first["full"].final_val_loss(), base_loss);
+    assert_eq!(
+        first["full"].curve[0].1, base_loss,
+        "every run starts from the same base"
+    );
+    assert_eq!(
+        first["lora_qv_r8"].curve[0].1, base_loss,
+        "LoRA starts exactly at the base"
+    );
+
+    for dir in ["first", "second"] {
+        let out = root.join(dir).join("out");
+        let table =
+            std::fs::read_to_string(out.join("finetune_study_miniature.md")).expect("table");
+        for label in [
+            "base (no fine-tuning)",
+            "full fine-tuning",
+            "LoRA Q,V r=8",
+            "LoRA Q,K,V,O r=8",
+        ] {
+            assert!(
+                table.contains(&format!("| {label} |")),
+                "the table lacks `{label}`"
+            );
+        }
+        assert!(table.contains("| 1 | 16.000 |"), "the sweep lacks rank 1");
+        assert!(
+            table.contains("pass: deterministic"),
+            "the determinism bar holds"
+        );
+        let png = std::fs::read(out.join("finetune_study_miniature.png")).expect("plot");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "the plot is a PNG");
+        let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+        let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+        assert_eq!((width, height), (1500, 460));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Every run of a miniature study.
+fn run_names() -> Vec<String> {
+    [
+        "base",
+        "full",
+        "lora_qv_r8",
+        "lora_qkvo_r8",
+        "lora_qv_r1",
+        "lora_qkvo_r8_repeat",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Runs the miniature study in `dir` (work and out inside) and reads back each run's results.
+fn run_miniature(dir: &Path) -> std::collections::HashMap<String, RunResult> {
+    let work: PathBuf = dir.join("work");
+    let out = dir.join("out");
+    let args: Vec<String> = [
+        "finetune_study",
+        "--miniature",
+        "--out",
+        path(&out),
+        "--work",
+        path(&work),
+    ]
+    .map(String::from)
+    .to_vec();
+    let passed = study::run(&args).expect("the miniature study runs");
+    assert!(passed, "a miniature study holds its determinism bar");
+    run_names()
+        .into_iter()
+        .map(|name| {
+            let value = read_json(&result_path(&work, &name)).expect("results");
+            let result = RunResult::from_json(&value).expect("complete results");
+            (name, result)
+        })
+        .collect()
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 temporary path")
+}
