@@ -127,7 +127,7 @@ impl Study {
         );
         let _ = writeln!(
             md,
-            "A decoder-only transformer ({} layers, d_model {}, {} heads, {} parameters) is \
+            "A decoder-only transformer ({} layer{}, d_model {}, {} heads, {} parameters) is \
              pretrained for {} steps on task A (language modelling on dialogues and on unrelated \
              summary-style sentences; final validation loss {:.3}, {:.0} s), then adapted to task \
              B (summarising a dialogue in one line) with the same budget for every variant: {} \
@@ -136,6 +136,7 @@ impl Study {
              (docs/finetune_study.md). ROUGE-1 F1 is the mean over {} held-out \
              dialogues, summarised greedily.\n",
             p.n_layers,
+            if p.n_layers == 1 { "" } else { "s" },
             p.d_model,
             p.n_heads,
             self.base_params,
