@@ -169,6 +169,21 @@ fn miniature_study_runs_end_to_end_and_reruns_identically() {
         let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
         assert_eq!((width, height), (1500, 460));
     }
+    // A second study in the same work directory clears it (it is the study's own) ...
+    run_miniature(&root.join("first"));
+    // ... but a directory holding someone else's files is refused, and left as it was.
+    let foreign = root.join("foreign");
+    std::fs::create_dir_all(&foreign).expect("a directory");
+    std::fs::write(foreign.join("notes.txt"), "keep me").expect("a file");
+    let args: Vec<String> = ["finetune_study", "--miniature", "--work", path(&foreign)]
+        .map(String::from)
+        .to_vec();
+    let refused = study::run(&args).expect_err("a foreign work directory is refused");
+    assert!(refused.contains("not a work directory"), "{refused}");
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "keep me"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -32,8 +32,9 @@ const USAGE: &str =
   --full-lr X  full fine-tuning's peak learning rate (default 0.004)
   --lora-lr X  LoRA's peak learning rate (default 0.02)
   --out DIR    where the table and plot go (default docs/results)
-  --work DIR   where models, adapters and per-run results go
-               (default $CARGO_TARGET_DIR/finetune_study, else target/finetune_study)";
+  --work DIR   where models, adapters and per-run results go, cleared at the start
+               (default $CARGO_TARGET_DIR/finetune_study, else target/finetune_study);
+               a non-empty directory that an earlier study did not make is refused";
 
 /// The study's command line. Exits non-zero when a quality bar is missed or a run fails.
 pub fn main(args: Vec<String>) -> ExitCode {
@@ -52,6 +53,9 @@ pub fn main(args: Vec<String>) -> ExitCode {
 pub fn run(args: &[String]) -> Result<bool, String> {
     Options::parse(args).and_then(|options| options.execute())
 }
+
+/// The file that marks a directory as this study's own, safe to clear.
+const WORK_MARKER: &str = ".finetune_study";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -151,12 +155,25 @@ impl Options {
 
     fn study(&self) -> Result<bool, String> {
         let start = Instant::now();
-        // Start from an empty work directory: no result of an earlier study can leak in.
-        if self.work.exists() {
+        // Start from an empty work directory: no result of an earlier study can leak in. Only
+        // a directory this study made (it holds the marker) is cleared, never a user's files.
+        let marker = self.work.join(WORK_MARKER);
+        let is_empty = |dir: &std::path::Path| {
+            std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
+        };
+        if self.work.exists() && !is_empty(&self.work) {
+            if !marker.is_file() {
+                return Err(format!(
+                    "{} is not empty and is not a work directory of this study; pass another \
+                     --work",
+                    self.work.display()
+                ));
+            }
             std::fs::remove_dir_all(&self.work)
                 .map_err(|e| format!("cannot clear {}: {e}", self.work.display()))?;
         }
         std::fs::create_dir_all(&self.work)
+            .and_then(|_| std::fs::write(&marker, "burn-lora finetune_study work directory\n"))
             .map_err(|e| format!("cannot create {}: {e}", self.work.display()))?;
         std::fs::create_dir_all(&self.out)
             .map_err(|e| format!("cannot create {}: {e}", self.out.display()))?;
