@@ -36,6 +36,10 @@ RATIOS = [
     ("stack_train_step", "lora", "full_finetune", 0.70),
     ("stack_train_step", "lora", "burn_apply_lora", 0.75),
     ("stack_train_step", "burn_apply_lora", "full_finetune", None),
+    ("stack_forward", "dora_unmerged", "unmerged", None),
+    ("stack_forward", "qlora_unmerged", "unmerged", None),
+    ("stack_train_step", "dora", "lora", None),
+    ("stack_train_step", "qlora", "lora", None),
 ]
 UNMERGED_TARGETS = {"forward_32x128x1024_r8": 1.10, "forward_4x128x4096_r16": 1.05}
 

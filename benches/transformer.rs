@@ -1,6 +1,6 @@
 //! The 4-layer transformer block stack (d = 512, 8 heads, seq 128, batch 8), forward and
-//! training step: plain, merged, unmerged (burn-lora's fast path), Burn's `apply_lora`, and
-//! full fine-tuning, all in the same run.
+//! training step: plain, merged, unmerged (burn-lora's fast path), DoRA, QLoRA (8-bit base),
+//! Burn's `apply_lora`, and full fine-tuning, all in the same run.
 //!
 //! ```sh
 //! cargo bench --bench transformer
@@ -35,6 +35,8 @@ fn forward(c: &mut Criterion) {
     time_forward(&mut group, "plain", stack::plain(&device), &x);
     time_forward(&mut group, "merged", stack::merged(&device), &x);
     time_forward(&mut group, "unmerged", stack::lora(&device), &x);
+    time_forward(&mut group, "dora_unmerged", stack::dora(&device), &x);
+    time_forward(&mut group, "qlora_unmerged", stack::qlora(&device), &x);
     time_forward(
         &mut group,
         "burn_apply_lora",
@@ -50,6 +52,8 @@ fn train_step(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("stack_train_step_{}", stack::shape_label()));
     time_train_step(&mut group, "full_finetune", stack::plain(&device), &x);
     time_train_step(&mut group, "lora", stack::lora(&device), &x);
+    time_train_step(&mut group, "dora", stack::dora(&device), &x);
+    time_train_step(&mut group, "qlora", stack::qlora(&device), &x);
     time_train_step(
         &mut group,
         "burn_apply_lora",

@@ -5,9 +5,9 @@
 //! cargo run --release --example peak_memory -- lora_train
 //! ```
 //!
-//! Variants: `full_finetune_train`, `lora_train`, `burn_apply_lora_train` (5 AdamW steps each),
-//! `plain_forward`, `merged_forward`, `unmerged_forward`, `burn_apply_lora_forward`
-//! (5 forwards each). Prints the process's peak resident set (`VmHWM`, Linux) in MiB.
+//! Variants: `full_finetune_train`, `lora_train`, `burn_apply_lora_train`, `dora_train`,
+//! `qlora_train` (5 AdamW steps each), `plain_forward`, `merged_forward`, `unmerged_forward`,
+//! `burn_apply_lora_forward`, `qlora_forward` (5 forwards each). Prints the process's peak resident set (`VmHWM`, Linux) in MiB.
 
 #[path = "../benches/support/stack.rs"]
 mod stack;
@@ -53,6 +53,15 @@ fn main() {
             let x = stack::input(&training);
             stack::train(stack::burn_apply_lora(&training), &x, STEPS);
         }
+        "dora_train" => {
+            let x = stack::input(&training);
+            stack::train(stack::dora(&training), &x, STEPS);
+        }
+        "qlora_train" => {
+            let x = stack::input(&training);
+            stack::train(stack::qlora(&training), &x, STEPS);
+        }
+        "qlora_forward" => forward(stack::qlora(&inference), &stack::input(&inference)),
         "plain_forward" => forward(stack::plain(&inference), &stack::input(&inference)),
         "merged_forward" => forward(stack::merged(&inference), &stack::input(&inference)),
         "unmerged_forward" => forward(stack::lora(&inference), &stack::input(&inference)),

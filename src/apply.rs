@@ -9,14 +9,14 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::nn::DropoutConfig;
-use burn::tensor::{DType, Distribution, FloatDType, Tensor};
+use burn::tensor::{DType, FloatDType, Tensor};
 
 use crate::rebuild::Snapshot;
 use crate::survey::Survey;
 use crate::targets::CompiledTarget;
 use crate::{
-    AdaptedLayer, DEFAULT_ADAPTER, LoraAdapter, LoraConfig, LoraError, LoraInit, LoraReport,
-    LoraState, SkippedModule, Target, TargetMatch,
+    AdaptedLayer, DEFAULT_ADAPTER, LoraAdapter, LoraConfig, LoraError, LoraReport, LoraState,
+    ResidualInit, SkippedModule, Target, TargetMatch, dora, init,
 };
 
 /// The plan of [`LoraConfig::plan`].
@@ -86,38 +86,39 @@ pub(crate) fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraRe
 
     for site in &survey.params {
         let module_path = site.module_path();
-        let is_linear = site.is_linear_weight();
-        let Some(hits) = targets.included_by(module_path, is_linear) else {
+        let kind = site.kind();
+        let Some(hits) = targets.included_by_module(module_path, &site.owner) else {
             continue;
         };
-        if !is_linear {
-            // A target names this module, but it is no linear weight (a bias, an embedding, a
-            // norm...). Say so once per module rather than adapting it.
+        let Some(kind) = kind else {
+            // A target names this module, but it is no weight LoRA adapts (a bias, a norm...).
+            // Say so once per module rather than adapting it.
             if !report.skipped.iter().any(|s| s.path == module_path) {
                 report.skipped.push(SkippedModule {
                     path: module_path.to_string(),
                     module_type: site.owner.clone(),
-                    reason: "LoRA adapts the 2-D weights of linear layers only".into(),
+                    reason: "LoRA adapts the weights of linear, embedding and conv2d layers only"
+                        .into(),
                 });
             }
             continue;
-        }
+        };
         let mut matched = hits;
-        let rank = match first_match(&rank_patterns, module_path) {
+        let rank = match first_match(&rank_patterns, module_path, &site.owner) {
             Some((index, rank)) => {
                 matched.push(rank_offset + index);
                 rank
             }
             None => config.rank,
         };
-        let alpha = match first_match(&alpha_patterns, module_path) {
+        let alpha = match first_match(&alpha_patterns, module_path, &site.owner) {
             Some((index, alpha)) => {
                 matched.push(alpha_offset + index);
                 alpha
             }
             None => config.effective_alpha(),
         };
-        let (d_in, d_out) = (site.dims[0], site.dims[1]);
+        let (d_in, d_out) = site.factor_dims();
         if rank > d_in.min(d_out) {
             return Err(LoraError::RankTooLarge {
                 path: module_path.to_string(),
@@ -133,10 +134,12 @@ pub(crate) fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraRe
         report.layers.push(AdaptedLayer {
             path: module_path.to_string(),
             module_type: site.owner.clone(),
+            kind,
             d_in,
             d_out,
             rank,
             alpha,
+            dora: config.use_dora,
             fast_path: site.owner == "LoraLinear",
         });
     }
@@ -157,12 +160,16 @@ pub(crate) fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraRe
     Ok(report)
 }
 
-/// The first override whose target selects the linear layer at `path`, with its index.
-fn first_match<T: Copy>(overrides: &[(CompiledTarget, T)], path: &str) -> Option<(usize, T)> {
+/// The first override whose target selects the layer at `path`, with its index.
+fn first_match<T: Copy>(
+    overrides: &[(CompiledTarget, T)],
+    path: &str,
+    module_type: &str,
+) -> Option<(usize, T)> {
     overrides
         .iter()
         .enumerate()
-        .find(|(_, (target, _))| target.matches(path, true))
+        .find(|(_, (target, _))| target.matches_module(path, module_type))
         .map(|(index, (_, value))| (index, *value))
 }
 
@@ -171,7 +178,7 @@ fn nearest_linear_paths(target: &Target, survey: &Survey) -> Vec<String> {
     let mut scored: Vec<(usize, &str)> = survey
         .params
         .iter()
-        .filter(|site| site.is_linear_weight())
+        .filter(|site| site.kind().is_some())
         .map(|site| {
             let path = site.module_path();
             let last = path.rsplit('.').next().unwrap_or(path);
@@ -245,49 +252,65 @@ pub(crate) fn add_adapter<M: Module>(
     let weight_paths: Vec<String> = report
         .layers
         .iter()
-        .map(|layer| format!("{}.weight", layer.path))
+        .map(|layer| crate::survey::weight_path_of(&layer.path))
         .collect();
+    if config.init.rewrites_base() {
+        // The residual is taken from the stored base, which must not hold a merged update.
+        snapshot.require_unmerged("a PiSSA or OLoRA init")?;
+    }
     let bases = snapshot.bases(&weight_paths);
     let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
+    let mut residuals = HashMap::new();
     for (layer, path) in report.layers.iter().zip(&weight_paths) {
         let base = &bases[path];
-        let adapter = new_adapter(config, layer, name, base).with_trainable(first);
+        if config.init.rewrites_base() && matches!(base.dtype(), DType::QFloat(_)) {
+            return Err(LoraError::UnsupportedVariant {
+                what: format!(
+                    "the {} init on a quantized base (it would store the residual in f32)",
+                    config.init.peft_name()
+                ),
+                path: layer.path.clone(),
+                adapter: name.to_string(),
+            });
+        }
+        let (adapter, residual) = new_adapter(config, layer, name, base)?;
         let adapter = LoraAdapter {
             active: first,
-            ..adapter
+            ..adapter.with_trainable(first)
         };
+        if let Some(residual) = residual {
+            residuals.insert(path.clone(), residual.cast(factor_dtype(base.dtype())));
+        }
         states
             .entry(path.clone())
             .or_insert_with(|| LoraState::new(Vec::new()))
             .adapters
             .push(adapter);
     }
-    Ok((snapshot.rebuild(states, HashMap::new(), first), report))
+    Ok((snapshot.rebuild(states, residuals, first), report))
 }
 
-/// A fresh adapter for `layer`: `A` drawn from `config.init`, `B` zero, in the base's dtype.
+/// A fresh adapter for `layer` as `config.init` starts it, in the base's dtype, and the
+/// residual base when the init rewrites it.
 fn new_adapter(
     config: &LoraConfig,
     layer: &AdaptedLayer,
     name: &str,
     base: &Tensor<2>,
-) -> LoraAdapter {
-    let device = base.device();
-    let (d_in, d_out, rank) = (layer.d_in, layer.d_out, layer.rank);
-    let distribution = match config.init {
-        LoraInit::KaimingUniform => {
-            let bound = 1.0 / (d_in as f64).sqrt();
-            Distribution::Uniform(-bound, bound)
-        }
-        LoraInit::Gaussian => Distribution::Normal(0.0, 1.0 / rank as f64),
-    };
+) -> Result<(LoraAdapter, Option<Tensor<2>>), LoraError> {
+    let scale = config.scale_for(layer.rank, layer.alpha);
     let dtype = factor_dtype(base.dtype());
-    let lora_a = Tensor::<2>::random([d_in, rank], distribution, &device).cast(dtype);
-    let lora_b = Tensor::<2>::zeros([rank, d_out], &device).cast(dtype);
-    LoraAdapter {
-        lora_a: Param::from_tensor(lora_a),
-        lora_b: Param::from_tensor(lora_b),
-        scale: config.scale_for(rank, layer.alpha),
+    let start = init::start(config.init, layer, base, scale, dtype, name)?;
+    let residual_init = start.residual.as_ref().map(|_| ResidualInit {
+        lora_a: start.lora_a.clone(),
+        lora_b: start.lora_b.clone(),
+        method: config.init.peft_name().to_string(),
+    });
+    let mut adapter = LoraAdapter {
+        lora_a: Param::from_tensor(start.lora_a),
+        lora_b: Param::from_tensor(start.lora_b),
+        magnitude: None,
+        scale,
         alpha: layer.alpha,
         use_rslora: config.use_rslora,
         dropout: DropoutConfig::new(config.dropout).init(),
@@ -295,7 +318,18 @@ fn new_adapter(
         active: true,
         trainable: true,
         merged: false,
+        merged_norm: None,
+        residual_init,
+    };
+    if config.use_dora {
+        let stored = start.residual.clone().unwrap_or_else(|| base.clone());
+        // Computed from the weight, it must not carry the weight's graph into a new leaf.
+        let magnitude = dora::initial_magnitude(&adapter, &stored)
+            .cast(dtype)
+            .detach();
+        adapter.magnitude = Some(Param::from_tensor(magnitude));
     }
+    Ok((adapter, start.residual))
 }
 
 /// The float dtype adapter factors take beside a base of `dtype`: the same, or f32 for a

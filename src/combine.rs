@@ -129,6 +129,7 @@ pub(crate) fn combine(
     let adapter = LoraAdapter {
         lora_a: Param::from_tensor(lora_a.to_tensor(&device).cast(dtype)),
         lora_b: Param::from_tensor(lora_b.to_tensor(&device).cast(dtype)),
+        magnitude: None,
         scale: 1.0,
         alpha: rank as f64,
         use_rslora: false,
@@ -137,6 +138,8 @@ pub(crate) fn combine(
         active: false,
         trainable: false,
         merged: false,
+        merged_norm: None,
+        residual_init: None,
     }
     .with_trainable(false);
     let layer = CombinedLayer {

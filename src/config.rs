@@ -5,15 +5,43 @@ use burn::module::Module;
 
 use crate::{LoraError, LoraReport, Target, Targets, apply};
 
-/// How the adapter factors start. `B` always starts at zero, so the adapted model starts equal
-/// to the base.
+/// How the adapter factors start. Every init leaves the adapted model's output equal to the
+/// base's at the start.
+///
+/// For an embedding, the random inits follow PEFT: `A` starts at zero and `B ~ N(0, 1)`.
 #[derive(Config, Debug, PartialEq, Copy)]
 pub enum LoraInit {
     /// PEFT's default: `A` Kaiming-uniform with `a = √5`, which for `A: [d_in, r]` is
-    /// `U(-1/√d_in, 1/√d_in)`.
+    /// `U(-1/√d_in, 1/√d_in)`, and `B = 0`.
     KaimingUniform,
-    /// `A ~ N(0, (1/r)²)`, PEFT's `init_lora_weights="gaussian"`.
+    /// `A ~ N(0, (1/r)²)` and `B = 0`, PEFT's `init_lora_weights="gaussian"`.
     Gaussian,
+    /// PiSSA (Meng et al. 2024): `A` and `B` start from the top-`r` singular vectors of `W`,
+    /// scaled by the square roots of their singular values over `s`, and the stored base
+    /// becomes the residual `W - s·A·B`. Training then moves the principal directions. Linear
+    /// layers only; the SVD is exact (PEFT's `init_lora_weights="pissa"`).
+    Pissa,
+    /// OLoRA (Büyükakyüz 2024): `A` and `B` start from the QR factors of `W` (the first `r`
+    /// rows of `R` and columns of `Q`), and the stored base becomes `W - s·A·B`. Linear layers
+    /// only (PEFT's `init_lora_weights="olora"`).
+    Olora,
+}
+
+impl LoraInit {
+    /// Whether the init moves part of the base weight into the adapter (PiSSA, OLoRA).
+    pub fn rewrites_base(self) -> bool {
+        matches!(self, Self::Pissa | Self::Olora)
+    }
+
+    /// The name PEFT's `init_lora_weights` uses for it.
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Self::KaimingUniform => "true",
+            Self::Gaussian => "gaussian",
+            Self::Pissa => "pissa",
+            Self::Olora => "olora",
+        }
+    }
 }
 
 /// A rank for the modules one target selects: an entry of PEFT's `rank_pattern`.
@@ -62,9 +90,13 @@ pub struct LoraConfig {
     /// rsLoRA: scale by `alpha / √r` instead of `alpha / r`, which keeps high ranks learning.
     #[config(default = false)]
     pub use_rslora: bool,
-    /// How `A` is initialised.
+    /// How `A` and `B` are initialised.
     #[config(default = "LoraInit::KaimingUniform")]
     pub init: LoraInit,
+    /// DoRA: add a trainable magnitude per output feature and train the direction with `A·B`
+    /// ([`crate::LoraAdapter::magnitude`]). Costs a weight-sized norm per forward.
+    #[config(default = false)]
+    pub use_dora: bool,
     /// The modules that get adapters.
     #[config(default = "Targets::attention()")]
     pub targets: Targets,

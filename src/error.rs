@@ -91,6 +91,49 @@ pub enum LoraError {
         adapter: String,
     },
 
+    /// A DoRA adapter is marked merged but the norms its merge divided by are gone (it was
+    /// marked merged by hand, or the model was rebuilt from parts), so it cannot come back out.
+    #[error(
+        "cannot unmerge the DoRA adapter `{adapter}` of `{path}`: the norms of its merge are not \
+         recorded; reload the base weights instead"
+    )]
+    DoraNormMissing {
+        /// Module path of the weight.
+        path: String,
+        /// Name of the adapter.
+        adapter: String,
+    },
+
+    /// A LoRA variant was asked for where it does not apply, such as a PiSSA init on an
+    /// embedding or a DoRA adapter in a mixed batch.
+    #[error("{what} is not supported (adapter `{adapter}` on `{path}`)")]
+    UnsupportedVariant {
+        /// What was asked for, and where it is supported instead.
+        what: String,
+        /// Module path of the layer.
+        path: String,
+        /// Name of the adapter.
+        adapter: String,
+    },
+
+    /// [`quantize_base`](crate::quantize_base) found no float linear weight in the quantizer's
+    /// group.
+    #[error("no float linear weight to quantize (none, or none in the quantizer's group)")]
+    NothingToQuantize,
+
+    /// A learning-rate setting that must be positive and finite was not.
+    #[error("`{name}` must be a positive, finite number, found {value}")]
+    InvalidLearningRate {
+        /// The setting.
+        name: &'static str,
+        /// What it was.
+        value: f64,
+    },
+
+    /// Burn refused a learning-rate schedule config.
+    #[error("invalid learning-rate schedule: {0}")]
+    InvalidSchedule(String),
+
     /// Merge was asked for, but every adapter is merged already.
     #[error("every LoRA adapter is already merged; unmerge before merging again")]
     AlreadyMerged,

@@ -22,6 +22,20 @@
 //!   ([`LoraModule::add_adapter`], [`LoraModule::set_active`], [`MixedBatch`]).
 //! - **adapter files**: PEFT's `adapter_model.safetensors` + `adapter_config.json`, read and
 //!   written exactly ([`peft`]).
+//! - **layers**: linear layers, embeddings and 2-D convolutions ([`LayerKind`]); targets pick
+//!   them by name or by module type ([`Target::ModuleType`]).
+//!
+//! ## Variants
+//!
+//! - **DoRA**: [`LoraConfig::use_dora`] adds a trainable magnitude per output feature
+//!   ([`LoraAdapter::magnitude`]), PEFT's `use_dora`.
+//! - **PiSSA, OLoRA**: [`LoraInit::Pissa`] and [`LoraInit::Olora`] start the factors from the
+//!   base's principal directions; saving converts them to a plain LoRA for the original base.
+//! - **LoRA+**: [`LoraPlusConfig`] builds Burn's per-group learning rates, `B` at `ratio × lr`.
+//! - **QLoRA**: [`quantize_base`] stores the base's linear weights in a Burn QFloat dtype;
+//!   [`merge_quantized`] merges in f32 and says what re-quantizing would cost.
+//!
+//! `docs/variants.md` says when to use which, with a measured comparison.
 //!
 //! ## Example
 //!
@@ -69,24 +83,32 @@ mod adapter;
 mod apply;
 mod combine;
 mod config;
+mod dora;
 mod error;
+mod init;
+mod layer;
 mod linalg;
 mod linear;
+mod loraplus;
 mod mixed;
 mod model;
 pub mod nn;
 pub mod peft;
+mod quantized;
 mod rebuild;
 mod report;
 mod survey;
 mod targets;
 
-pub use adapter::{DEFAULT_ADAPTER, LoraAdapter, LoraState};
+pub use adapter::{DEFAULT_ADAPTER, LoraAdapter, LoraState, ResidualInit};
 pub use combine::{Combination, CombineReport, CombinedLayer};
 pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern};
 pub use error::LoraError;
+pub use layer::LayerKind;
 pub use linear::{LoraLinear, LoraLinearConfig};
+pub use loraplus::LoraPlusConfig;
 pub use mixed::MixedBatch;
 pub use model::{AdapterInfo, LoraModule};
+pub use quantized::{QuantizedMerge, QuantizedMergeReport, merge_quantized, quantize_base};
 pub use report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
 pub use targets::{CompiledTarget, CompiledTargets, Target, Targets, layer_index};

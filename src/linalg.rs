@@ -4,7 +4,7 @@
 //! never on a weight-sized one, so plain host code is fast enough, exact to f64, and the same
 //! on every backend.
 
-use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 /// A row-major `rows × cols` matrix.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,8 +34,7 @@ impl Matrix {
     /// A copy of a 2-D tensor's values, read as f32 whatever its dtype.
     pub fn from_tensor(tensor: Tensor<2>) -> Self {
         let [rows, cols] = tensor.dims();
-        let values = tensor
-            .cast(FloatDType::F32)
+        let values = crate::adapter::to_f32(tensor)
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()

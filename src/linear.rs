@@ -103,11 +103,7 @@ impl LoraLinear {
         let weight = self.weight.base();
         let [d_input, _] = weight.dims();
         assert_shape!(input, [.., d_input]);
-        if state.contributing().next().is_none() {
-            return linear(input, weight, bias);
-        }
-        let output = linear(input.clone(), weight, bias);
-        state.forward(input, output)
+        state.forward(input, weight, bias)
     }
 
     /// Applies the layer with each sample's own adapter, as `batch` routes them: sample `i`

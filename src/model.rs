@@ -33,6 +33,10 @@ pub struct AdapterInfo {
     pub trainable: bool,
     /// Whether it is folded into the base weight.
     pub merged: bool,
+    /// Whether it is a DoRA adapter (it has a magnitude vector).
+    pub dora: bool,
+    /// The init that moved part of the base into it (`"pissa"`, `"olora"`), if any.
+    pub residual_init: Option<String>,
 }
 
 /// LoRA operations on any Burn module that carries adapters from
@@ -202,6 +206,8 @@ impl<M: Module> LoraModule for M {
                     active: adapter.active && state.enabled,
                     trainable: adapter.trainable,
                     merged: adapter.merged,
+                    dora: adapter.is_dora(),
+                    residual_init: adapter.residual_init.as_ref().map(|r| r.method.clone()),
                 });
             }
         }
@@ -312,6 +318,10 @@ impl<M: Module> LoraModule for M {
                 name: name.to_string(),
             });
         }
+        snapshot.refuse_dora(
+            |adapter| adapters.iter().any(|(source, _)| *source == adapter.name),
+            "combining DoRA adapters (their magnitudes do not add)",
+        )?;
         // Compute every layer's new adapter before touching the model.
         let mut report = CombineReport::default();
         let mut states = Vec::with_capacity(snapshot.states.len());
@@ -334,6 +344,10 @@ impl<M: Module> LoraModule for M {
             snapshot.require_adapter(name)?;
         }
         snapshot.require_unmerged("forward_mixed")?;
+        snapshot.refuse_dora(
+            |adapter| adapters.contains(&Some(adapter.name.as_str())),
+            "a DoRA adapter in a mixed batch (use forward with one active adapter)",
+        )?;
         let device = snapshot
             .states
             .first()
@@ -429,7 +443,7 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
             let base = stored
                 .remove(path)
                 .expect("every adapted weight is a 2-D parameter of the model");
-            let folded = state.fold_into_base(module_path_of(path), base, &selected, sign)?;
+            let folded = state.fold_into_base(module_path_of(path), base, &selected, sign > 0.0)?;
             bases.insert(path.clone(), folded);
         }
         for index in selected {

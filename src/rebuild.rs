@@ -13,6 +13,7 @@ use burn::module::{Module, ModuleVisitor, Param, Reparameterizer};
 use burn::tensor::Tensor;
 
 use crate::adapter::detaching::detach_states;
+use crate::layer::{from_factor_layout, to_factor_layout};
 use crate::survey::Survey;
 use crate::{LoraAdapter, LoraError, LoraState};
 
@@ -113,7 +114,27 @@ impl<M: Module> Snapshot<M> {
         }
     }
 
-    /// The stored values of the 2-D parameters at `paths`, read from the plain model.
+    /// [`LoraError::UnsupportedVariant`] naming `what` for the first DoRA adapter that `pick`
+    /// selects.
+    pub fn refuse_dora(
+        &self,
+        pick: impl Fn(&LoraAdapter) -> bool,
+        what: &str,
+    ) -> Result<(), LoraError> {
+        for (path, state) in &self.states {
+            if let Some(adapter) = state.adapters.iter().find(|a| a.is_dora() && pick(a)) {
+                return Err(LoraError::UnsupportedVariant {
+                    what: what.to_string(),
+                    path: crate::survey::module_path_of(path).to_string(),
+                    adapter: adapter.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored values of the adaptable weights at `paths`, read from the plain model, in the
+    /// factor layout `[d_in, d_out]`.
     pub fn bases<'a>(
         &self,
         paths: impl IntoIterator<Item = &'a String>,
@@ -143,7 +164,7 @@ impl<M: Module> Snapshot<M> {
     }
 }
 
-/// The stored values of the 2-D parameters at `paths`.
+/// The stored values of the weights at `paths`, in the factor layout.
 fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Tensor<2>> {
     struct Collector<'a> {
         paths: &'a [&'a String],
@@ -159,9 +180,8 @@ fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Ten
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let path = self.stack.join(".");
-            if D == 2 && self.paths.contains(&&path) {
-                let [d_in, d_out] = param.shape().dims::<2>();
-                self.bases.insert(path, param.val().reshape([d_in, d_out]));
+            if matches!(D, 2 | 4) && self.paths.contains(&&path) {
+                self.bases.insert(path, to_factor_layout(param.val()));
             }
         }
     }
@@ -197,7 +217,7 @@ impl Reparameterizer for Reattach {
             Some(base) => {
                 let shape = param.shape();
                 // The new base must not carry the graph that computed it.
-                param.map(|_| base.detach().reshape(shape))
+                param.map(|_| from_factor_layout(base.detach(), shape))
             }
             None => param,
         };

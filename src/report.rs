@@ -3,6 +3,8 @@
 
 use core::fmt;
 
+use crate::LayerKind;
+
 /// One linear layer that gets (or got) an adapter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaptedLayer {
@@ -10,14 +12,19 @@ pub struct AdaptedLayer {
     pub path: String,
     /// The layer's type, e.g. `Linear` or `LoraLinear`.
     pub module_type: String,
-    /// Input features of the weight.
+    /// The kind of layer, which fixes how its weight maps to `[d_in, d_out]`.
+    pub kind: LayerKind,
+    /// Input features of the weight: `d_input` of a linear layer, the vocabulary of an
+    /// embedding, `channels_in·k1·k2` of a convolution.
     pub d_in: usize,
-    /// Output features of the weight.
+    /// Output features of the weight: `d_output`, the embedding size, `channels_out`.
     pub d_out: usize,
     /// Rank of the adapter.
     pub rank: usize,
     /// Alpha of the adapter.
     pub alpha: f64,
+    /// Whether the adapter is DoRA, which also trains a magnitude per output feature.
+    pub dora: bool,
     /// Whether the layer takes the activation path ([`LoraLinear`](crate::LoraLinear)) rather
     /// than composing a dense weight on every forward.
     pub fast_path: bool,
@@ -29,9 +36,9 @@ impl AdaptedLayer {
         self.d_in * self.d_out
     }
 
-    /// Values the adapter trains, `rank · (d_in + d_out)`.
+    /// Values the adapter trains, `rank · (d_in + d_out)`, plus `d_out` magnitudes for DoRA.
     pub fn adapter_params(&self) -> usize {
-        self.rank * (self.d_in + self.d_out)
+        self.rank * (self.d_in + self.d_out) + if self.dora { self.d_out } else { 0 }
     }
 }
 
@@ -148,7 +155,12 @@ impl fmt::Display for LoraReport {
                 layer.rank,
                 layer.alpha,
                 thousands(layer.adapter_params()),
-                if layer.fast_path { "fast" } else { "dense" },
+                match (layer.fast_path, layer.dora) {
+                    (true, false) => "fast",
+                    (true, true) => "fast, DoRA",
+                    (false, false) => "dense",
+                    (false, true) => "dense, DoRA",
+                },
             )?;
         }
         for target in &self.targets {
@@ -202,12 +214,14 @@ mod tests {
 
     fn layer(d_in: usize, d_out: usize, rank: usize) -> AdaptedLayer {
         AdaptedLayer {
+            kind: LayerKind::Linear,
             path: "proj".into(),
             module_type: "Linear".into(),
             d_in,
             d_out,
             rank,
             alpha: rank as f64,
+            dora: false,
             fast_path: false,
         }
     }

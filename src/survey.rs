@@ -4,12 +4,11 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId, Reparameterization};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 use crate::LoraState;
 
-/// Module types whose `weight` LoRA adapts.
-const LINEAR_TYPES: [&str; 2] = ["Linear", "LoraLinear"];
+use crate::LayerKind;
 
 /// A float parameter of the model, as the survey saw it.
 pub(crate) struct ParamSite {
@@ -18,6 +17,9 @@ pub(crate) struct ParamSite {
     /// Type of the module that owns it, e.g. `Linear`.
     pub owner: String,
     pub dims: Vec<usize>,
+    pub id: ParamId,
+    /// Whether the stored value is quantized (a QFloat dtype).
+    pub quantized: bool,
 }
 
 impl ParamSite {
@@ -26,10 +28,18 @@ impl ParamSite {
         self.path.rsplit_once('.').map_or("", |(module, _)| module)
     }
 
-    pub fn is_linear_weight(&self) -> bool {
-        self.path.rsplit('.').next() == Some("weight")
-            && self.dims.len() == 2
-            && LINEAR_TYPES.contains(&self.owner.as_str())
+    /// The kind of layer whose weight this is, if LoRA adapts that kind.
+    pub fn kind(&self) -> Option<LayerKind> {
+        if self.path.rsplit('.').next() != Some("weight") {
+            return None;
+        }
+        LayerKind::of(&self.owner, &self.dims)
+    }
+
+    /// The factor dimensions `(d_in, d_out)` of an adapter on this weight; see
+    /// `layer::factor_dims`.
+    pub fn factor_dims(&self) -> (usize, usize) {
+        crate::layer::factor_dims(&self.dims)
     }
 }
 
@@ -52,11 +62,11 @@ impl Survey {
         surveyor.survey
     }
 
-    /// The linear weight at `weight_path` (`<module>.weight`), if the model has one.
-    pub fn linear_weight(&self, weight_path: &str) -> Option<&ParamSite> {
+    /// The adaptable weight at `weight_path` (`<module>.weight`), if the model has one.
+    pub fn adaptable_weight(&self, weight_path: &str) -> Option<&ParamSite> {
         self.params
             .iter()
-            .find(|site| site.path == weight_path && site.is_linear_weight())
+            .find(|site| site.path == weight_path && site.kind().is_some())
     }
 
     /// The first reparameterization that is not ours, as `(weight path, its name)`.
@@ -130,12 +140,23 @@ impl ModuleVisitor for Surveyor {
             .last()
             .map(|(_, container)| container.rsplit(':').next().unwrap_or("").to_string())
             .unwrap_or_default();
+        let quantized = matches!(param.base().dtype(), DType::QFloat(_));
         self.survey.params.push(ParamSite {
             path: path.clone(),
             owner,
             dims,
+            id: param.id,
+            quantized,
         });
         self.last_param = Some(path);
+    }
+}
+
+/// The path of the `weight` of the module at `module_path` (the root module's is `weight`).
+pub(crate) fn weight_path_of(module_path: &str) -> String {
+    match module_path.is_empty() {
+        true => "weight".to_string(),
+        false => format!("{module_path}.weight"),
     }
 }
 

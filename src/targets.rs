@@ -7,7 +7,8 @@
 //!   `….mha.query`, but not `….subquery`.
 //! - [`Target::Regex`] must match the **whole** path. It is its own variant, so a name in a list
 //!   is never read as a regex by accident (a common PEFT surprise).
-//! - [`Target::AllLinear`] selects every linear layer by its module type, whatever its name.
+//! - [`Target::AllLinear`] selects every linear layer by its module type, whatever its name, and
+//!   [`Target::ModuleType`] every module of one type (`Embedding`, `Conv2d`, `Linear`...).
 //! - [`Targets::exclude`] removes matches; [`Targets::layers_to_transform`] keeps only the
 //!   layers with the given indices, read from the path segment after
 //!   [`Targets::layers_pattern`] (`layers.3`, `h.3`, `blocks.3`).
@@ -33,6 +34,9 @@ pub enum Target {
     Regex(String),
     /// Every linear layer (`Linear` or `LoraLinear`), found by module type, not by name.
     AllLinear,
+    /// Every module whose type is this one, as its struct is named: `Embedding`, `Conv2d`,
+    /// `Linear`, `LoraLinear`. LoRA adapts linear layers, embeddings and 2-D convolutions.
+    ModuleType(String),
 }
 
 impl Target {
@@ -42,6 +46,7 @@ impl Target {
         match self {
             Target::Regex(pattern) => format!("regex /{pattern}/"),
             Target::AllLinear => "all linear layers".to_string(),
+            Target::ModuleType(module_type) => format!("every `{module_type}`"),
             _ => {
                 let quoted: Vec<String> = self
                     .names()
@@ -60,12 +65,13 @@ impl Target {
             Target::AnyName(names) => names.iter().map(String::as_str).collect(),
             Target::Regex(pattern) => vec![pattern.as_str()],
             Target::AllLinear => Vec::new(),
+            Target::ModuleType(module_type) => vec![module_type.as_str()],
         }
     }
 
     /// Whether this target names modules by type rather than by path.
     pub fn is_by_type(&self) -> bool {
-        matches!(self, Target::AllLinear)
+        matches!(self, Target::AllLinear | Target::ModuleType(_))
     }
 
     /// Compile the target once, checking a regex.
@@ -82,6 +88,7 @@ impl Target {
                 })?)
             }
             Target::AllLinear => CompiledTarget::AllLinear,
+            Target::ModuleType(module_type) => CompiledTarget::ModuleType(module_type.clone()),
         })
     }
 }
@@ -95,16 +102,27 @@ pub enum CompiledTarget {
     Regex(Regex),
     /// Every linear layer.
     AllLinear,
+    /// Every module of one type.
+    ModuleType(String),
 }
 
 impl CompiledTarget {
     /// Whether the target selects the module at `path`; `is_linear` says whether it is a
-    /// linear layer, which is all that [`Target::AllLinear`] looks at.
+    /// linear layer, which is all that [`Target::AllLinear`] looks at. A
+    /// [`Target::ModuleType`] sees a linear layer as a `Linear`.
     pub fn matches(&self, path: &str, is_linear: bool) -> bool {
+        let module_type = if is_linear { "Linear" } else { "" };
+        self.matches_module(path, module_type)
+    }
+
+    /// Whether the target selects the module at `path` of type `module_type` (`Linear`,
+    /// `LoraLinear`, `Embedding`, `Conv2d`...).
+    pub fn matches_module(&self, path: &str, module_type: &str) -> bool {
         match self {
             CompiledTarget::Names(names) => names.iter().any(|name| name_matches(name, path)),
             CompiledTarget::Regex(regex) => regex.is_match(path),
-            CompiledTarget::AllLinear => is_linear,
+            CompiledTarget::AllLinear => matches!(module_type, "Linear" | "LoraLinear"),
+            CompiledTarget::ModuleType(wanted) => wanted == module_type,
         }
     }
 }
@@ -266,14 +284,24 @@ impl CompiledTargets {
     /// The indices of the `include` targets that select the module at `path`, or `None` when
     /// none does or the module is excluded or outside `layers_to_transform`.
     pub fn included_by(&self, path: &str, is_linear: bool) -> Option<Vec<usize>> {
+        let module_type = if is_linear { "Linear" } else { "" };
+        self.included_by_module(path, module_type)
+    }
+
+    /// [`included_by`](Self::included_by) for a module of type `module_type`.
+    pub fn included_by_module(&self, path: &str, module_type: &str) -> Option<Vec<usize>> {
         let hits: Vec<usize> = self
             .include
             .iter()
             .enumerate()
-            .filter(|(_, target)| target.matches(path, is_linear))
+            .filter(|(_, target)| target.matches_module(path, module_type))
             .map(|(index, _)| index)
             .collect();
-        if hits.is_empty() || self.is_excluded(path, is_linear) || !self.in_selected_layer(path) {
+        let excluded = self
+            .exclude
+            .iter()
+            .any(|target| target.matches_module(path, module_type));
+        if hits.is_empty() || excluded || !self.in_selected_layer(path) {
             return None;
         }
         Some(hits)

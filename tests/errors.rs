@@ -3,9 +3,9 @@
 mod common;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn_lora::{LoraConfig, LoraError, LoraLinear, LoraModule, Targets};
+use burn_lora::{LayerKind, LoraConfig, LoraError, LoraLinear, LoraModule, Targets};
 use common::fill;
 
 #[derive(Module, Debug)]
@@ -125,27 +125,52 @@ fn a_target_that_matches_nothing_names_itself_and_nearby_layers() {
 }
 
 #[test]
-fn an_embedding_a_target_names_is_reported_not_adapted() {
+fn a_named_embedding_is_adapted_and_a_norm_is_reported_not_adapted() {
     let device = Device::flex();
     let config = LoraConfig::new(2).with_targets(Targets::names(["query", "embedding"]));
-    let error = config.clone().apply(block(&device)).unwrap_err();
-    assert!(
-        matches!(error, LoraError::UnmatchedTarget { .. }),
-        "{error:?}"
+    let (model, report) = config.apply(block(&device)).unwrap();
+    assert_eq!(report.layers.len(), 2);
+    let embedding = &report.layers[1];
+    assert_eq!(
+        (embedding.path.as_str(), embedding.kind),
+        ("embedding", LayerKind::Embedding)
     );
-
-    let (model, report) = config
-        .with_allow_unmatched_targets(true)
-        .apply(block(&device))
-        .unwrap();
-    assert_eq!(report.layers.len(), 1);
-    assert_eq!(report.skipped.len(), 1);
-    assert_eq!(report.skipped[0].path, "embedding");
-    assert_eq!(report.skipped[0].module_type, "Embedding");
+    assert_eq!((embedding.d_in, embedding.d_out), (10, 8));
     assert!(
         model
             .embedding
             .weight
+            .reparameterization::<burn_lora::LoraState>()
+            .is_some()
+    );
+
+    #[derive(Module, Debug)]
+    struct Normed {
+        query: Linear,
+        norm: LayerNorm,
+    }
+    let normed = || Normed {
+        query: LinearConfig::new(8, 8).init(&device),
+        norm: LayerNormConfig::new(8).init(&device),
+    };
+    let config = LoraConfig::new(2).with_targets(Targets::names(["query", "norm"]));
+    let error = config.clone().apply(normed()).unwrap_err();
+    assert!(
+        matches!(error, LoraError::UnmatchedTarget { .. }),
+        "{error:?}"
+    );
+    let (model, report) = config
+        .with_allow_unmatched_targets(true)
+        .apply(normed())
+        .unwrap();
+    assert_eq!(report.layers.len(), 1);
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(report.skipped[0].path, "norm");
+    assert_eq!(report.skipped[0].module_type, "LayerNorm");
+    assert!(
+        model
+            .norm
+            .gamma
             .reparameterization::<burn_lora::LoraState>()
             .is_none()
     );

@@ -24,7 +24,8 @@ fn main() -> std::process::ExitCode {
     rouge_matches_hand_counts();
     corpus_is_deterministic_and_summaries_follow_the_dialogue();
     miniature_study_runs_end_to_end_and_reruns_identically();
-    println!("finetune_study: 3 tests passed");
+    miniature_variants_comparison_runs_every_variant();
+    println!("finetune_study: 4 tests passed");
     std::process::ExitCode::SUCCESS
 }
 
@@ -100,6 +101,7 @@ fn miniature_study_runs_end_to_end_and_reruns_identically() {
             Variant::Full => a.total_params,
             Variant::LoraQv(r) => preset.n_layers * 2 * r * (d + d),
             Variant::LoraQkvo(r) => preset.n_layers * 4 * r * (d + d),
+            other => unreachable!("the study does not run {other:?}"),
         };
         assert_eq!(
             a.trainable_params, expected,
@@ -184,6 +186,79 @@ fn miniature_study_runs_end_to_end_and_reruns_identically() {
         std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
         "keep me"
     );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `--variants` in miniature: every variant runs in its own process, starts where it should,
+/// trains the parameters it should, saves PEFT files, and lands in the table.
+fn miniature_variants_comparison_runs_every_variant() {
+    let root = std::env::temp_dir().join(format!("burn_lora_variants_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (work, out) = (root.join("work"), root.join("out"));
+    let args: Vec<String> = [
+        "finetune_study",
+        "--variants",
+        "--miniature",
+        "--out",
+        path(&out),
+        "--work",
+        path(&work),
+    ]
+    .map(String::from)
+    .to_vec();
+    assert!(study::run(&args).expect("the variants comparison runs"));
+    let result = |variant: Variant| {
+        let value = read_json(&result_path(&work, &variant.id())).expect("results");
+        RunResult::from_json(&value).expect("complete results")
+    };
+    let preset = Preset::miniature();
+    let lora = result(Variant::LoraQkvo(8));
+    // Q, K, V and O of each layer, r = 8, d_in = d_out = d_model.
+    let adapters = preset.n_layers * 4 * 8 * 2 * preset.d_model;
+    assert_eq!(lora.trainable_params, adapters);
+    let start = |r: &RunResult| r.curve[0].1;
+    let table = std::fs::read_to_string(out.join("variants_miniature.md")).expect("the table");
+    for variant in Variant::beyond_lora() {
+        let run = result(variant);
+        let magnitudes = match variant {
+            Variant::DoraQkvo(_) => preset.n_layers * 4 * preset.d_model,
+            _ => 0,
+        };
+        assert_eq!(run.trainable_params, adapters + magnitudes, "{variant:?}");
+        assert!(
+            table.contains(&variant.label()),
+            "{variant:?} is in the table"
+        );
+        assert!(run.curve.len() >= 2 && run.curve.iter().all(|(_, loss)| loss.is_finite()));
+        let config = work.join(variant.id()).join(burn_lora::peft::CONFIG_FILE);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(config).expect("adapter files"))
+                .expect("JSON");
+        match variant {
+            // DoRA and LoRA+ start exactly at the base, as LoRA does.
+            Variant::DoraQkvo(_) | Variant::LoraPlusQkvo(_) => {
+                assert_eq!(start(&run).to_bits(), start(&lora).to_bits(), "{variant:?}");
+                let dora = matches!(variant, Variant::DoraQkvo(_));
+                assert_eq!(config["use_dora"], serde_json::json!(dora));
+            }
+            // PiSSA starts at the base up to rounding, and saves a rank-2r plain delta.
+            Variant::PissaQkvo(_) => {
+                assert!((start(&run) - start(&lora)).abs() < 1e-4, "{variant:?}");
+                assert_eq!(config["r"], serde_json::json!(16));
+                assert_eq!(config["init_lora_weights"], serde_json::json!(true));
+            }
+            _ => {}
+        }
+    }
+    // A quantized base moves the start a little, 4 bits more than 8.
+    let shift = |bits| (start(&result(Variant::QloraQkvo { bits, rank: 8 })) - start(&lora)).abs();
+    assert!(
+        shift(8) < shift(4),
+        "8-bit {} vs 4-bit {}",
+        shift(8),
+        shift(4)
+    );
+    assert!(shift(8) < 1e-2 * start(&lora), "8-bit shift {}", shift(8));
     let _ = std::fs::remove_dir_all(&root);
 }
 

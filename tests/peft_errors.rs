@@ -228,7 +228,7 @@ fn missing_and_unexpected_keys_are_listed() {
         report
             .unexpected
             .iter()
-            .any(|k| k.contains("no linear layer `blocks.9.attn.query`"))
+            .any(|k| k.contains("no linear, embedding or conv2d layer `blocks.9.attn.query`"))
     );
 
     // Non-strict: what is sound loads, the report still lists the rest.
@@ -241,22 +241,39 @@ fn missing_and_unexpected_keys_are_listed() {
 #[test]
 fn unsupported_adapters_are_refused_whole() {
     let f = fixture();
+    // DoRA loads, but its magnitudes and `use_dora` must agree.
+    let q_magnitude = "base_model.model.layers.0.self_attn.q_proj.lora_magnitude_vector";
     let mut dora = f.tensors.clone();
-    dora.insert(
-        "base_model.model.layers.0.self_attn.q_proj.lora_magnitude_vector".into(),
-        (vec![16], vec![1.0; 16]),
+    dora.insert(q_magnitude.into(), (vec![16], vec![1.0; 16]));
+    let report = mismatch(&f, &dora, &f.config);
+    assert_eq!(report.unexpected.len(), 1, "{report}");
+    assert!(
+        report.unexpected[0].contains("use_dora = false"),
+        "{report}"
     );
-    assert!(matches!(
-        load(&f, &bytes(&dora), &f.config, false),
-        Err(LoraError::UnsupportedAdapter { feature, .. }) if feature.contains("DoRA")
-    ));
     let config = f
         .config
         .replacen("\"use_dora\": false", "\"use_dora\": true", 1);
-    assert!(matches!(
-        load(&f, &f.weights, &config, false),
-        Err(LoraError::UnsupportedAdapter { .. })
-    ));
+    assert_ne!(config, f.config);
+    let report = mismatch(&f, &f.tensors, &config);
+    assert_eq!(
+        report.missing.len(),
+        4,
+        "one magnitude per module: {report}"
+    );
+    assert!(
+        report.missing.contains(&q_magnitude.to_string()),
+        "{report}"
+    );
+    dora.insert(q_magnitude.into(), (vec![15], vec![1.0; 15]));
+    let report = mismatch(&f, &dora, &config);
+    assert!(
+        report
+            .shape_mismatches
+            .iter()
+            .any(|m| m.key == q_magnitude && m.expected == [16]),
+        "{report}"
+    );
     let config = f
         .config
         .replacen("\"peft_type\": \"LORA\"", "\"peft_type\": \"IA3\"", 1);

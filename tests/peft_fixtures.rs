@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn_lora::peft::{
     LoadOptions, PeftAdapter, SaveOptions, load_adapter_with, save_adapter_with,
 };
-use burn_lora::{AlphaPattern, LoraConfig, LoraModule, RankPattern, Target, Targets};
+use burn_lora::{AlphaPattern, LoraConfig, LoraInit, LoraModule, RankPattern, Target, Targets};
 use common::fixture::{FixtureModel, key_map, load_case, max_abs_diff, write_safetensors};
 use common::{devices, randomize, values};
 
@@ -209,11 +209,28 @@ fn writes_adapters_for_peft_to_verify() {
             LoraConfig::new(2)
                 .with_targets(Targets::names(["blocks.1.attn.query", "blocks.0.ff.up"])),
         ),
+        (
+            "dora_fast_and_dense",
+            "bias",
+            LoraConfig::new(3)
+                .with_alpha(Some(5.0))
+                .with_use_dora(true)
+                .with_targets(Targets::names(["query", "value", "up"])),
+        ),
+        (
+            "pissa_converted",
+            "no_bias",
+            LoraConfig::new(2)
+                .with_alpha(Some(4.0))
+                .with_init(LoraInit::Pissa)
+                .with_targets(Targets::names(["query", "out"])),
+        ),
     ];
     for (name, case, config) in cases {
         let fixture = load_case(case, &device);
         let (model, _) = config.apply(fixture.model).unwrap();
         let model = randomize(model, "lora_b", 0.2);
+        let model = randomize(model, "magnitude", 1.0);
         let output = model.forward(fixture.input.clone());
 
         let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))

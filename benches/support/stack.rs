@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each includer uses a part
 
+use burn::module::Quantizer;
 use burn::module::{Lora, Module, ParamGroup};
 use burn::nn::transformer::{
     TransformerEncoder as BurnEncoder, TransformerEncoderConfig,
@@ -12,8 +13,9 @@ use burn::nn::transformer::{
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use burn::tensor::quantization::{Calibration, QuantValue, ScaleDtype};
 use burn_lora::nn::{TransformerEncoder, TransformerEncoderInput};
-use burn_lora::{LoraConfig, LoraModule, Targets};
+use burn_lora::{LoraConfig, LoraModule, Targets, quantize_base};
 
 pub const BATCH: usize = 8;
 pub const SEQ: usize = 128;
@@ -58,6 +60,36 @@ pub fn lora(device: &Device) -> TransformerEncoder {
     let (model, _) = config
         .apply(TransformerEncoder::from(plain(device)))
         .expect("valid config");
+    model
+}
+
+/// DoRA adapters, rank 8, on Q/K/V/O.
+pub fn dora(device: &Device) -> TransformerEncoder {
+    let config = LoraConfig::new(RANK)
+        .with_use_dora(true)
+        .with_targets(Targets::attention());
+    let (model, _) = config
+        .apply(TransformerEncoder::from(plain(device)))
+        .expect("valid config");
+    model
+}
+
+/// QLoRA: every linear weight of the stack quantized to 8-bit symmetric integers (one f32
+/// scale per block of 32 values), then rank-8 f32 adapters on Q/K/V/O.
+pub fn qlora(device: &Device) -> TransformerEncoder {
+    let scheme = device
+        .settings()
+        .quantization
+        .scheme
+        .with_value(QuantValue::Q8S)
+        .per_block([32], ScaleDtype::F32);
+    let quantized = quantize_base(
+        TransformerEncoder::from(plain(device)),
+        &mut Quantizer::new(Calibration::MinMax, scheme),
+    )
+    .expect("linear weights to quantize");
+    let config = LoraConfig::new(RANK).with_targets(Targets::attention());
+    let (model, _) = config.apply(quantized).expect("valid config");
     model
 }
 

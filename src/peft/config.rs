@@ -19,7 +19,7 @@ pub enum TargetModules {
 /// The LoRA settings of a PEFT adapter, as `adapter_config.json` holds them.
 ///
 /// Unknown fields are kept in [`extra`](Self::extra) and written back, since PEFT adds fields
-/// often. Fields that would change what the adapter means (DoRA, `modules_to_save`, a
+/// often. Fields that would change what the adapter means (`modules_to_save`, an unconverted
 /// base-rewriting init...) are refused by [`from_json`](Self::from_json).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
@@ -31,6 +31,8 @@ pub struct AdapterConfig {
     pub lora_dropout: f64,
     /// `use_rslora`: scale `alpha/√r` instead of `alpha/r`.
     pub use_rslora: bool,
+    /// `use_dora`: the adapters are DoRA, with a `lora_magnitude_vector` per module.
+    pub use_dora: bool,
     /// `target_modules`, if given.
     pub target_modules: Option<TargetModules>,
     /// `exclude_modules`, if given.
@@ -52,8 +54,9 @@ pub struct AdapterConfig {
 }
 
 /// Fields this module reads itself; everything else goes to `extra`.
-const KNOWN: [&str; 15] = [
+const KNOWN: [&str; 16] = [
     "peft_type",
+    "use_dora",
     "r",
     "lora_alpha",
     "lora_dropout",
@@ -78,6 +81,7 @@ impl AdapterConfig {
             lora_alpha,
             lora_dropout: 0.0,
             use_rslora: false,
+            use_dora: false,
             target_modules: None,
             exclude_modules: None,
             layers_to_transform: None,
@@ -201,6 +205,7 @@ impl AdapterConfig {
             lora_alpha,
             lora_dropout,
             use_rslora: field.boolean("use_rslora")?.unwrap_or(false),
+            use_dora: field.boolean("use_dora")?.unwrap_or(false),
             target_modules: field.modules("target_modules")?,
             exclude_modules: field.modules("exclude_modules")?,
             layers_to_transform,
@@ -230,7 +235,6 @@ impl AdapterConfig {
             ("inference_mode", json!(true)),
             ("init_lora_weights", json!(true)),
             ("modules_to_save", Value::Null),
-            ("use_dora", json!(false)),
             ("revision", Value::Null),
         ] {
             fields.insert(key.to_string(), value);
@@ -248,6 +252,7 @@ impl AdapterConfig {
             ("lora_alpha", number(self.lora_alpha)),
             ("lora_dropout", number(self.lora_dropout)),
             ("use_rslora", json!(self.use_rslora)),
+            ("use_dora", json!(self.use_dora)),
             ("bias", json!("none")),
             ("fan_in_fan_out", json!(false)),
             ("target_modules", modules(&self.target_modules)),
@@ -341,7 +346,6 @@ fn refuse_unsupported(
         Some(_) => true,
     };
     let refused = [
-        ("use_dora", "DoRA (use_dora = true)"),
         (
             "modules_to_save",
             "modules_to_save (fully trained modules beside the adapter)",
@@ -371,8 +375,9 @@ fn refuse_unsupported(
             .any(|method| lower.starts_with(method));
         if rewrites_base {
             return Err(unsupported(format!(
-                "init_lora_weights = \"{init}\", which rewrites the base weights; convert the \
-                 adapter to plain LoRA first"
+                "init_lora_weights = \"{init}\", which rewrites the base weights; save it from \
+                 PEFT with `path_initial_model_for_weight_conversion` (burn-lora's own saves \
+                 convert), which makes a plain LoRA delta against the original base"
             )));
         }
     }
@@ -493,13 +498,14 @@ mod tests {
     fn a_config_round_trips_through_json() {
         let mut config = AdapterConfig::new(8, 16.0);
         config.use_rslora = true;
+        config.use_dora = true;
         config.rank_pattern = vec![("v_proj".into(), 4)];
         config.alpha_pattern = vec![("layers.1.o_proj".into(), 3.5)];
         config.target_modules = Some(TargetModules::Names(vec!["q_proj".into()]));
         let text = config.to_json();
         let mut back = AdapterConfig::from_json(&text, "c").unwrap();
         // Fields PEFT writes and we do not model come back in `extra`.
-        assert_eq!(back.extra["use_dora"], json!(false));
+        assert_eq!(back.extra["init_lora_weights"], json!(true));
         back.extra.clear();
         assert_eq!(back, config);
     }
@@ -532,7 +538,6 @@ mod tests {
     fn unsupported_features_are_refused() {
         let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16"#;
         for (extra, word) in [
-            (r#""use_dora": true"#, "DoRA"),
             (r#""modules_to_save": ["classifier"]"#, "modules_to_save"),
             (
                 r#""init_lora_weights": "pissa_niter_4""#,

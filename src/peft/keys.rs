@@ -161,23 +161,54 @@ fn rename_segments(path: &str, from: &str, to: &str) -> String {
     out.join(".")
 }
 
-/// Which factor a tensor key holds.
+/// Which tensor of an adapter a key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Factor {
+    /// `lora_A`, or `lora_embedding_A` on an embedding.
     A,
+    /// `lora_B`, or `lora_embedding_B`.
     B,
+    /// DoRA's `lora_magnitude_vector`.
+    Magnitude,
+}
+
+/// The key segment PEFT uses for `factor` on a layer of `kind`.
+pub(crate) fn factor_segment(factor: Factor, kind: crate::LayerKind) -> &'static str {
+    use crate::LayerKind::Embedding;
+    match (factor, kind) {
+        (Factor::A, Embedding) => "lora_embedding_A",
+        (Factor::B, Embedding) => "lora_embedding_B",
+        (Factor::A, _) => "lora_A",
+        (Factor::B, _) => "lora_B",
+        (Factor::Magnitude, _) => "lora_magnitude_vector",
+    }
+}
+
+/// The full key PEFT writes for `factor` of the module at `peft_path`.
+pub(crate) fn factor_key(peft_path: &str, factor: Factor, kind: crate::LayerKind) -> String {
+    let segment = factor_segment(factor, kind);
+    match (factor, kind) {
+        // Embedding factors and the magnitude are parameters, not layers: no `.weight`.
+        (Factor::Magnitude, _) | (_, crate::LayerKind::Embedding) => {
+            format!("{PEFT_PREFIX}{peft_path}.{segment}")
+        }
+        _ => format!("{PEFT_PREFIX}{peft_path}.{segment}.weight"),
+    }
 }
 
 /// A tensor key of an adapter file, taken apart.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Key {
-    /// `[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight`
+    /// `[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight`,
+    /// `….lora_embedding_{A,B}[.<adapter>]` or `….lora_magnitude_vector[.<adapter>][.weight]`.
     Lora {
         module: String,
         factor: Factor,
+        /// Whether the key is an embedding's (`lora_embedding_A`/`_B`).
+        embedding: bool,
         adapter: Option<String>,
     },
-    /// A key of a PEFT feature burn-lora does not load (DoRA, embedding adapters, LoRA biases).
+    /// A key of a PEFT feature burn-lora does not load (LoRA biases).
     Unsupported { feature: &'static str },
     /// Anything else.
     Other,
@@ -187,15 +218,34 @@ pub(crate) enum Key {
 pub(crate) fn parse_key(key: &str) -> Key {
     let path = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
     let segments: Vec<&str> = path.split('.').collect();
-    let unsupported = [
-        ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
-        ("lora_embedding_A", "embedding adapters (lora_embedding_A)"),
-        ("lora_embedding_B", "embedding adapters (lora_embedding_B)"),
-    ];
-    for (segment, feature) in unsupported {
-        if segments.contains(&segment) {
-            return Key::Unsupported { feature };
+    let parameter = segments.iter().rposition(|s| {
+        matches!(
+            *s,
+            "lora_embedding_A" | "lora_embedding_B" | "lora_magnitude_vector"
+        )
+    });
+    if let Some(position) = parameter {
+        // Parameters, not layers: the adapter name may follow, and `.weight` only for DoRA's
+        // vector inside a model's own state dict.
+        let adapter = match &segments[position + 1..] {
+            [] | ["weight"] => None,
+            [name] | [name, "weight"] => Some(name.to_string()),
+            _ => return Key::Other,
+        };
+        if position == 0 {
+            return Key::Other;
         }
+        let (factor, embedding) = match segments[position] {
+            "lora_embedding_A" => (Factor::A, true),
+            "lora_embedding_B" => (Factor::B, true),
+            _ => (Factor::Magnitude, false),
+        };
+        return Key::Lora {
+            module: segments[..position].join("."),
+            factor,
+            embedding,
+            adapter,
+        };
     }
     let Some(position) = segments
         .iter()
@@ -224,6 +274,7 @@ pub(crate) fn parse_key(key: &str) -> Key {
     Key::Lora {
         module: segments[..position].join("."),
         factor,
+        embedding: false,
         adapter,
     }
 }
@@ -237,6 +288,7 @@ mod tests {
         let expected = |adapter: Option<&str>| Key::Lora {
             module: "layers.0.q_proj".into(),
             factor: Factor::A,
+            embedding: false,
             adapter: adapter.map(str::to_string),
         };
         assert_eq!(
@@ -257,10 +309,34 @@ mod tests {
         ));
         assert_eq!(parse_key("layers.0.q_proj.weight"), Key::Other);
         assert_eq!(parse_key("lora_A.weight"), Key::Other);
-        assert!(matches!(
-            parse_key("x.lora_magnitude_vector"),
-            Key::Unsupported { .. }
-        ));
+        assert_eq!(
+            parse_key("base_model.model.x.lora_magnitude_vector"),
+            Key::Lora {
+                module: "x".into(),
+                factor: Factor::Magnitude,
+                embedding: false,
+                adapter: None,
+            }
+        );
+        assert_eq!(
+            parse_key("x.lora_magnitude_vector.task.weight"),
+            Key::Lora {
+                module: "x".into(),
+                factor: Factor::Magnitude,
+                embedding: false,
+                adapter: Some("task".into()),
+            }
+        );
+        assert_eq!(
+            parse_key("base_model.model.embed.lora_embedding_B"),
+            Key::Lora {
+                module: "embed".into(),
+                factor: Factor::B,
+                embedding: true,
+                adapter: None,
+            }
+        );
+        assert_eq!(parse_key("lora_embedding_A"), Key::Other);
         assert!(matches!(
             parse_key("x.lora_B.bias"),
             Key::Unsupported { .. }

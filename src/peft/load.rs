@@ -9,13 +9,14 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::config::{AdapterConfig, TargetModules, modules_match};
 use super::files::{HostTensor, read_file, read_tensors};
-use super::keys::{Factor, Key, KeyMap, PEFT_PREFIX, parse_key};
+use super::keys::{Factor, Key, KeyMap, factor_key, factor_segment, parse_key};
 use super::report::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::apply::factor_dtype;
 use crate::rebuild::Snapshot;
+use crate::survey::weight_path_of;
 use crate::targets::layer_index;
-use crate::{LoraAdapter, LoraError, LoraState};
+use crate::{LayerKind, LoraAdapter, LoraError, LoraState};
 
 /// How [`load_adapter_with`](crate::peft::load_adapter_with) reads an adapter.
 #[derive(Debug, Clone)]
@@ -165,9 +166,9 @@ impl PeftAdapter {
         };
         let pairs = self.pair_tensors(&mut report);
         let mut accepted = Vec::new();
-        for (module, (a, b)) in &pairs {
+        for (module, tensors) in &pairs {
             if let Some(checked) =
-                self.check_module(&snapshot, module, *a, *b, options, &mut report)
+                self.check_module(&snapshot, module, tensors, options, &mut report)
             {
                 accepted.push(checked);
             }
@@ -185,25 +186,32 @@ impl PeftAdapter {
         }
 
         let first = !snapshot.is_adapted();
-        let paths: Vec<String> = accepted
-            .iter()
-            .map(|m| format!("{}.weight", m.path))
-            .collect();
+        let paths: Vec<String> = accepted.iter().map(|m| weight_path_of(&m.path)).collect();
         let bases = snapshot.bases(&paths);
         let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
         for (module, path) in accepted.into_iter().zip(paths) {
             let base = &bases[&path];
             let (device, dtype) = (base.device(), factor_dtype(base.dtype()));
-            // PyTorch stores A as [r, d_in] and B as [d_out, r]; Burn wants the transposes.
-            let factor = |tensor: &HostTensor| {
+            // PyTorch stores A as [r, d_in] and B as [d_out, r] (a convolution's with kernel
+            // axes, which flatten into d_in and drop out of B); Burn wants the transposes.
+            let values = |tensor: &HostTensor, shape: Vec<usize>| {
                 let values = tensor.values.clone().expect("checked usable");
-                Tensor::<2>::from_data(TensorData::new(values, tensor.shape.clone()), &device)
+                TensorData::new(values, shape)
+            };
+            let rank = module.loaded.rank;
+            let factor = |tensor: &HostTensor, rows: usize, cols: usize| {
+                Tensor::<2>::from_data(values(tensor, vec![rows, cols]), &device)
                     .transpose()
                     .cast(dtype)
             };
+            let magnitude = module.magnitude.map(|magnitude| {
+                let data = values(magnitude, vec![module.d_out]);
+                Param::from_tensor(Tensor::<1>::from_data(data, &device).cast(dtype))
+            });
             let adapter = LoraAdapter {
-                lora_a: Param::from_tensor(factor(module.a)),
-                lora_b: Param::from_tensor(factor(module.b)),
+                lora_a: Param::from_tensor(factor(module.a, rank, module.d_in)),
+                lora_b: Param::from_tensor(factor(module.b, module.d_out, rank)),
+                magnitude,
                 scale: module.loaded.scale,
                 alpha: module.loaded.alpha,
                 use_rslora: self.config.use_rslora,
@@ -212,6 +220,8 @@ impl PeftAdapter {
                 active: first,
                 trainable: options.trainable,
                 merged: false,
+                merged_norm: None,
+                residual_init: None,
             }
             .with_trainable(options.trainable);
             report.loaded.push(module.loaded);
@@ -224,18 +234,15 @@ impl PeftAdapter {
         Ok((snapshot.rebuild(states, HashMap::new(), first), report))
     }
 
-    /// Group the LoRA tensors by module, as `(A, B)`; report the keys that are no LoRA factor.
-    fn pair_tensors<'a>(
-        &'a self,
-        report: &mut LoadReport,
-    ) -> BTreeMap<String, (Option<&'a HostTensor>, Option<&'a HostTensor>)> {
-        let mut pairs: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> =
-            BTreeMap::new();
+    /// Group the adapter tensors by module; report the keys that are no adapter tensor.
+    fn pair_tensors<'a>(&'a self, report: &mut LoadReport) -> BTreeMap<String, ModuleTensors<'a>> {
+        let mut modules: BTreeMap<String, ModuleTensors<'a>> = BTreeMap::new();
         let mut file_adapter: Option<Option<String>> = None;
         for tensor in &self.tensors {
             let Key::Lora {
                 module,
                 factor,
+                embedding,
                 adapter,
             } = parse_key(&tensor.key)
             else {
@@ -248,58 +255,90 @@ impl PeftAdapter {
                 report.unexpected.push(tensor.key.clone());
                 continue;
             }
-            let entry = pairs.entry(module).or_default();
+            let entry = modules.entry(module).or_default();
+            if factor != Factor::Magnitude {
+                entry.embedding_keys.push(embedding);
+            }
             let slot = match factor {
-                Factor::A => &mut entry.0,
-                Factor::B => &mut entry.1,
+                Factor::A => &mut entry.a,
+                Factor::B => &mut entry.b,
+                Factor::Magnitude => &mut entry.magnitude,
             };
             match slot {
                 Some(_) => report.unexpected.push(tensor.key.clone()),
                 None => *slot = Some(tensor),
             }
         }
-        pairs
+        modules
     }
 
-    /// Check one module's pair against the model and the config; `None` when it has a problem,
-    /// which goes to the report.
+    /// Check one module's tensors against the model and the config; `None` when they have a
+    /// problem, which goes to the report.
     fn check_module<'a, M: Module>(
         &self,
         snapshot: &Snapshot<M>,
         module: &str,
-        a: Option<&'a HostTensor>,
-        b: Option<&'a HostTensor>,
+        tensors: &ModuleTensors<'a>,
         options: &LoadOptions,
         report: &mut LoadReport,
     ) -> Option<CheckedModule<'a>> {
         let path = options.key_map.to_burn(module);
-        let Some(site) = snapshot.survey.linear_weight(&format!("{path}.weight")) else {
-            for tensor in [a, b].into_iter().flatten() {
+        let present = || {
+            [tensors.a, tensors.b, tensors.magnitude]
+                .into_iter()
+                .flatten()
+        };
+        let Some(site) = snapshot.survey.adaptable_weight(&weight_path_of(&path)) else {
+            for tensor in present() {
                 report.unexpected.push(format!(
-                    "{} (the model has no linear layer `{path}`)",
+                    "{} (the model has no linear, embedding or conv2d layer `{path}`)",
                     tensor.key
                 ));
             }
             return None;
         };
-        let (Some(a), Some(b)) = (a, b) else {
-            let (present, absent) = match a {
-                Some(a) => (a, "lora_B"),
-                None => (b.expect("a pair has one factor"), "lora_A"),
-            };
-            let key = present.key.replace(
-                if absent == "lora_B" {
-                    "lora_A"
-                } else {
-                    "lora_B"
-                },
-                absent,
-            );
-            report.missing.push(key);
+        let kind = site.kind().expect("an adaptable weight has a kind");
+        let embedding = kind == LayerKind::Embedding;
+        if tensors
+            .embedding_keys
+            .iter()
+            .any(|&keyed| keyed != embedding)
+        {
+            for tensor in present() {
+                report.unexpected.push(format!(
+                    "{} (`{path}` is a {} layer, whose keys are `{}`/`{}`)",
+                    tensor.key,
+                    kind.label(),
+                    factor_segment(Factor::A, kind),
+                    factor_segment(Factor::B, kind),
+                ));
+            }
             return None;
-        };
+        }
         let mut ok = true;
-        for tensor in [a, b] {
+        for (tensor, factor) in [(tensors.a, Factor::A), (tensors.b, Factor::B)] {
+            if tensor.is_none() {
+                report.missing.push(factor_key(module, factor, kind));
+                ok = false;
+            }
+        }
+        match (self.config.use_dora, tensors.magnitude) {
+            (true, None) => {
+                report
+                    .missing
+                    .push(factor_key(module, Factor::Magnitude, kind));
+                ok = false;
+            }
+            (false, Some(magnitude)) => {
+                report.unexpected.push(format!(
+                    "{} (the config has use_dora = false)",
+                    magnitude.key
+                ));
+                ok = false;
+            }
+            _ => {}
+        }
+        for tensor in present() {
             if tensor.values.is_none() {
                 report.unusable_dtypes.push(DtypeNote {
                     key: tensor.key.clone(),
@@ -322,30 +361,57 @@ impl PeftAdapter {
                 ok = false;
             }
         }
-        let (d_in, d_out) = (site.dims[0], site.dims[1]);
+        if !ok {
+            return None;
+        }
+        let (a, b) = (tensors.a?, tensors.b?);
+        let (d_in, d_out) = site.factor_dims();
         let (rank, pattern) = self.config.rank_for(module);
         let rank_source = match pattern {
             Some(key) => format!("rank_pattern \"{key}\" gives r = {rank}"),
             None => format!("config r = {rank}"),
         };
-        let expectations = [
-            (a, vec![rank, d_in], 0, format!("d_in = {d_in} of `{path}`")),
-            (
-                b,
-                vec![d_out, rank],
-                1,
-                format!("d_out = {d_out} of `{path}`"),
-            ),
+        // PyTorch's layouts: A is [r, d_in] ([r, c_in, k1, k2] for a convolution), B is
+        // [d_out, r] ([c_out, r, 1, 1]); DoRA's magnitude is [d_out] ([1, c_out, 1, 1]).
+        let (a_shape, b_shape, magnitude_shape) = match kind {
+            LayerKind::Conv2d => {
+                let mut a_shape = vec![rank];
+                a_shape.extend_from_slice(&site.dims[1..]);
+                (a_shape, vec![d_out, rank, 1, 1], vec![1, d_out, 1, 1])
+            }
+            _ => (vec![rank, d_in], vec![d_out, rank], vec![d_out]),
+        };
+        let inputs = match kind {
+            LayerKind::Conv2d => format!("c_in·k1·k2 = {d_in}"),
+            _ => format!("d_in = {d_in}"),
+        };
+        let mut expectations = vec![
+            (a, a_shape, Some(0), format!("{inputs} of `{path}`")),
+            (b, b_shape, Some(1), format!("d_out = {d_out} of `{path}`")),
         ];
+        if let Some(magnitude) = tensors.magnitude {
+            expectations.push((
+                magnitude,
+                magnitude_shape,
+                None,
+                format!("one magnitude per output feature, d_out = {d_out} of `{path}`"),
+            ));
+        }
         for (tensor, expected, rank_axis, layer) in expectations {
             if tensor.shape == expected {
                 continue;
             }
-            let reason = match tensor.shape.len() == 2
-                && tensor.shape[1 - rank_axis] == expected[1 - rank_axis]
-            {
-                true => format!("rank {} disagrees: {rank_source}", tensor.shape[rank_axis]),
-                false => format!("{layer}, {rank_source}"),
+            let only_rank_differs = rank_axis.is_some_and(|axis| {
+                tensor.shape.len() == expected.len()
+                    && (0..expected.len())
+                        .filter(|&i| i != axis)
+                        .all(|i| tensor.shape[i] == expected[i])
+            });
+            let reason = match (only_rank_differs, rank_axis) {
+                (true, Some(axis)) => {
+                    format!("rank {} disagrees: {rank_source}", tensor.shape[axis])
+                }
+                _ => format!("{layer}, {rank_source}"),
             };
             report.shape_mismatches.push(ShapeMismatch {
                 key: tensor.key.clone(),
@@ -363,6 +429,9 @@ impl PeftAdapter {
             path: path.clone(),
             a,
             b,
+            magnitude: tensors.magnitude,
+            d_in,
+            d_out,
             loaded: LoadedModule {
                 peft_path: module.to_string(),
                 path,
@@ -392,12 +461,10 @@ impl PeftAdapter {
             return;
         }
         let files_modules: Vec<String> = pairs.keys().cloned().collect();
-        for site in snapshot
-            .survey
-            .params
-            .iter()
-            .filter(|s| s.is_linear_weight())
-        {
+        for site in snapshot.survey.params.iter() {
+            let Some(kind) = site.kind() else {
+                continue;
+            };
             let peft = key_map.to_peft(site.module_path());
             let Some(selected) = modules_match(targets, &peft) else {
                 report.notes.push(format!(
@@ -419,8 +486,9 @@ impl PeftAdapter {
             };
             if selected && !excluded && in_layers && !files_modules.contains(&peft) {
                 report.missing.push(format!(
-                    "{PEFT_PREFIX}{peft}.lora_A.weight and .lora_B.weight (target_modules selects \
-                     `{}`)",
+                    "{} and {} (target_modules selects `{}`)",
+                    factor_key(&peft, Factor::A, kind),
+                    factor_key(&peft, Factor::B, kind),
                     site.module_path()
                 ));
             }
@@ -428,10 +496,23 @@ impl PeftAdapter {
     }
 }
 
+/// The tensors of one module in a file.
+#[derive(Default)]
+struct ModuleTensors<'a> {
+    a: Option<&'a HostTensor>,
+    b: Option<&'a HostTensor>,
+    magnitude: Option<&'a HostTensor>,
+    /// For each factor key, whether it was an embedding's (`lora_embedding_*`).
+    embedding_keys: Vec<bool>,
+}
+
 /// A module that passed every check.
 struct CheckedModule<'a> {
     path: String,
     a: &'a HostTensor,
     b: &'a HostTensor,
+    magnitude: Option<&'a HostTensor>,
+    d_in: usize,
+    d_out: usize,
     loaded: LoadedModule,
 }

@@ -10,11 +10,11 @@ use safetensors::Dtype;
 
 use super::config::{AdapterConfig, TargetModules, modules_match};
 use super::files::{OutTensor, io_error, write_atomically, write_tensors};
-use super::keys::{KeyMap, PEFT_PREFIX};
+use super::keys::{Factor, KeyMap, factor_key};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::rebuild::Snapshot;
 use crate::survey::module_path_of;
-use crate::{LoraAdapter, LoraError};
+use crate::{LayerKind, LoraAdapter, LoraError};
 
 /// How [`save_adapter_with`](crate::peft::save_adapter_with) writes an adapter.
 #[derive(Debug, Clone, Default)]
@@ -75,6 +75,7 @@ struct Entry {
     scale: f64,
     use_rslora: bool,
     dropout: f64,
+    dora: bool,
 }
 
 pub(crate) fn save<M: Module>(
@@ -97,20 +98,57 @@ pub(crate) fn save<M: Module>(
         };
         let path = module_path_of(weight_path);
         let peft_path = options.key_map.to_peft_checked(path)?;
-        // PyTorch's layout: A is [r, d_in] and B is [d_out, r], the transposes of Burn's.
-        for (factor, tensor) in [
-            ("lora_A", adapter.lora_a.val()),
-            ("lora_B", adapter.lora_b.val()),
-        ] {
-            let key = format!("{PEFT_PREFIX}{peft_path}.{factor}.weight");
+        let site = snapshot
+            .survey
+            .adaptable_weight(weight_path)
+            .expect("adapters sit on adaptable weights");
+        let kind = site.kind().expect("an adaptable weight has a kind");
+        let (lora_a, lora_b) = plain_delta_factors(adapter, path)?;
+        let rank = lora_a.dims()[1];
+        let (d_in, d_out) = site.factor_dims();
+        // PyTorch's layouts: A is [r, d_in] and B is [d_out, r], the transposes of Burn's; a
+        // convolution's A keeps the kernel axes and its B is a 1×1 kernel.
+        let (a_shape, b_shape, magnitude_shape) = match kind {
+            LayerKind::Conv2d => {
+                let mut a_shape = vec![rank];
+                a_shape.extend_from_slice(&site.dims[1..]);
+                (a_shape, vec![d_out, rank, 1, 1], vec![1, d_out, 1, 1])
+            }
+            _ => (vec![rank, d_in], vec![d_out, rank], vec![d_out]),
+        };
+        let mut parts = vec![
+            (Factor::A, lora_a.transpose(), a_shape),
+            (Factor::B, lora_b.transpose(), b_shape),
+        ];
+        if let Some(magnitude) = &adapter.magnitude {
+            let magnitude = magnitude.val().reshape([1, d_out]);
+            parts.push((Factor::Magnitude, magnitude, magnitude_shape));
+        }
+        for (factor, tensor, shape) in parts {
+            let key = factor_key(&peft_path, factor, kind);
             let tensor =
-                out_tensor(key, tensor.transpose()).ok_or_else(|| LoraError::NonFiniteAdapter {
+                out_tensor(key, tensor, shape).ok_or_else(|| LoraError::NonFiniteAdapter {
                     path: path.to_string(),
                     adapter: name.to_string(),
                 })?;
             tensors.push(tensor);
         }
-        entries.push(entry(peft_path, adapter));
+        entries.push(entry(peft_path, adapter, rank));
+    }
+    let dora = entries.iter().filter(|entry| entry.dora).count();
+    if dora != 0 && dora != entries.len() {
+        let (weight_path, _) = snapshot
+            .states
+            .iter()
+            .find(|(_, state)| state.adapter(name).is_some_and(|a| !a.is_dora()))
+            .expect("a module without DoRA");
+        return Err(LoraError::UnsupportedVariant {
+            what: "saving an adapter that is DoRA on some modules only (PEFT's use_dora is one \
+                   setting per file)"
+                .into(),
+            path: module_path_of(weight_path).to_string(),
+            adapter: name.to_string(),
+        });
     }
     let config = adapter_config(&snapshot, &entries, options);
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -130,20 +168,57 @@ pub(crate) fn save<M: Module>(
     })
 }
 
-fn entry(peft_path: String, adapter: &LoraAdapter) -> Entry {
+/// The factors to write for `adapter`, in Burn's layout. An adapter that started from the
+/// base (PiSSA, OLoRA) moved `s·A₀·B₀` out of the stored base, so against the original base its
+/// update is `s·(A·B - A₀·B₀)`: PEFT's conversion writes that as rank `2r` factors `[A | A₀]`
+/// and `[B ; -B₀]` at the same scale, a plain LoRA that works on an unmodified base.
+fn plain_delta_factors(
+    adapter: &LoraAdapter,
+    path: &str,
+) -> Result<(Tensor<2>, Tensor<2>), LoraError> {
+    let (lora_a, lora_b) = (adapter.lora_a.val(), adapter.lora_b.val());
+    let Some(initial) = &adapter.residual_init else {
+        return Ok((lora_a, lora_b));
+    };
+    if adapter.is_dora() {
+        return Err(LoraError::UnsupportedVariant {
+            what: format!(
+                "saving a DoRA adapter with the {} init (its update is not a low-rank delta \
+                 against the original base)",
+                initial.method
+            ),
+            path: path.to_string(),
+            adapter: adapter.name.clone(),
+        });
+    }
+    let dtype = lora_a.dtype();
+    let a = Tensor::cat(vec![lora_a, initial.lora_a.clone().cast(dtype)], 1);
+    let b = Tensor::cat(vec![lora_b, initial.lora_b.clone().cast(dtype).neg()], 0);
+    Ok((a, b))
+}
+
+/// The config entry of `adapter`, written at `rank` (twice its own for a converted PiSSA or
+/// OLoRA adapter, with the alpha that keeps its scale).
+fn entry(peft_path: String, adapter: &LoraAdapter, rank: usize) -> Entry {
+    let alpha = match (rank == adapter.rank(), adapter.use_rslora) {
+        (true, _) => adapter.alpha,
+        (false, true) => adapter.scale * (rank as f64).sqrt(),
+        (false, false) => adapter.scale * rank as f64,
+    };
     Entry {
         peft_path,
-        rank: adapter.rank(),
-        alpha: adapter.alpha,
+        rank,
+        alpha,
         scale: adapter.scale,
         use_rslora: adapter.use_rslora,
         dropout: adapter.dropout.prob,
+        dora: adapter.is_dora(),
     }
 }
 
-/// A tensor's bytes in its own float dtype (other dtypes as f32); `None` if it holds NaN or Inf.
-fn out_tensor(key: String, tensor: Tensor<2>) -> Option<OutTensor> {
-    let shape = tensor.dims().to_vec();
+/// A tensor's bytes in its own float dtype (other dtypes as f32), written with `shape` (the same
+/// values in row-major order); `None` if it holds NaN or Inf.
+fn out_tensor(key: String, tensor: Tensor<2>, shape: Vec<usize>) -> Option<OutTensor> {
     if !tensor.clone().is_finite().all().into_scalar::<bool>() {
         return None;
     }
@@ -199,6 +274,7 @@ fn adapter_config<M: Module>(
     let lora_alpha = most_common(alphas.iter().copied());
     let mut config = AdapterConfig::new(r, lora_alpha);
     config.use_rslora = use_rslora;
+    config.use_dora = entries.iter().any(|entry| entry.dora);
     config.lora_dropout = most_common(entries.iter().map(|e| e.dropout));
     config.base_model_name_or_path = options.base_model_name_or_path.clone();
     config.task_type = options.task_type.clone();
@@ -273,7 +349,7 @@ fn target_modules<M: Module>(
         .survey
         .params
         .iter()
-        .filter(|site| site.is_linear_weight())
+        .filter(|site| site.kind().is_some())
         .map(|site| key_map.to_peft(site.module_path()))
         .all(|peft| modules_match(&by_names, &peft) == Some(saved.contains(peft.as_str())));
     match exact {

@@ -109,12 +109,21 @@ pub fn fixture_dir(case: &str) -> PathBuf {
         .join(case)
 }
 
-/// A safetensors file as `name → (shape, f32 values)`.
+/// A case of `tests/fixtures/gen_peft_variants.py`.
+pub fn variant_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/peft_variants")
+        .join(case)
+}
+
+/// A safetensors file as `name → (shape, f32 values)`. Integer tensors (token ids, which the
+/// fixtures also store as f32) are left out.
 pub fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let tensors = SafeTensors::deserialize(&bytes).expect("valid fixture");
     tensors
         .iter()
+        .filter(|(_, view)| view.dtype() != Dtype::I64)
         .map(|(name, view)| {
             assert_eq!(view.dtype(), Dtype::F32, "{name}");
             let values = view
@@ -161,7 +170,11 @@ pub struct Case {
 }
 
 pub fn load_case(case: &str, device: &Device) -> Case {
-    let dir = fixture_dir(case);
+    load_case_from(&fixture_dir(case), device)
+}
+
+/// [`load_case`] for a case directory anywhere.
+pub fn load_case_from(dir: &Path, device: &Device) -> Case {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
     let layers = meta["n_layers"].as_u64().unwrap() as usize;

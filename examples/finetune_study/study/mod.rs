@@ -12,6 +12,7 @@ pub mod rouge;
 pub mod run;
 pub mod train;
 pub mod variant;
+pub mod variants;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -31,6 +32,11 @@ const USAGE: &str =
   --seed N     the seed of the data, the initialisation and dropout (default 42)
   --full-lr X  full fine-tuning's peak learning rate (default 0.004)
   --lora-lr X  LoRA's peak learning rate (default 0.02)
+  --loraplus-lr X, --pissa-lr X, --qlora-lr X
+               the peak learning rates of LoRA+'s A (default 0.002), of PiSSA (0.01) and of
+               QLoRA (0.01); DoRA takes LoRA's
+  --variants   compare DoRA, LoRA+, PiSSA and QLoRA (8- and 4-bit base) with LoRA and
+               full fine-tuning instead (docs/results/variants.md)
   --out DIR    where the table and plot go (default docs/results)
   --work DIR   where models, adapters and per-run results go, cleared at the start
                (default $CARGO_TARGET_DIR/finetune_study, else target/finetune_study);
@@ -67,6 +73,8 @@ struct Options {
     child: Option<(String, String)>,
     /// Whether a child draws its progress bar.
     progress: bool,
+    /// `--variants`: the comparison of LoRA variants instead of the study.
+    variants: bool,
 }
 
 impl Options {
@@ -78,7 +86,9 @@ impl Options {
         let mut task = None;
         let mut run = None;
         let (mut full_lr, mut lora_lr) = (None, None);
+        let (mut loraplus_lr, mut pissa_lr, mut qlora_lr) = (None, None, None);
         let mut progress = true;
+        let mut variants = false;
         let mut args = args.iter().skip(1);
         while let Some(arg) = args.next() {
             let mut value = || {
@@ -100,11 +110,15 @@ impl Options {
                 }
                 "--full-lr" => full_lr = Some(learning_rate(arg, value()?)?),
                 "--lora-lr" => lora_lr = Some(learning_rate(arg, value()?)?),
+                "--loraplus-lr" => loraplus_lr = Some(learning_rate(arg, value()?)?),
+                "--pissa-lr" => pissa_lr = Some(learning_rate(arg, value()?)?),
+                "--qlora-lr" => qlora_lr = Some(learning_rate(arg, value()?)?),
                 "--out" => out = PathBuf::from(value()?),
                 "--work" => work = Some(PathBuf::from(value()?)),
                 "--child" => task = Some(value()?),
                 "--run" => run = Some(value()?),
                 "--no-progress" => progress = false,
+                "--variants" => variants = true,
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
             }
@@ -112,6 +126,9 @@ impl Options {
         // Applied after the preset, whichever order the flags came in.
         preset.full_lr = full_lr.unwrap_or(preset.full_lr);
         preset.lora_lr = lora_lr.unwrap_or(preset.lora_lr);
+        preset.loraplus_lr = loraplus_lr.unwrap_or(preset.loraplus_lr);
+        preset.pissa_lr = pissa_lr.unwrap_or(preset.pissa_lr);
+        preset.qlora_lr = qlora_lr.unwrap_or(preset.qlora_lr);
         let work = work.unwrap_or_else(|| {
             let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or("target".into());
             PathBuf::from(target).join("finetune_study")
@@ -128,6 +145,7 @@ impl Options {
             work,
             child,
             progress,
+            variants,
         })
     }
 
@@ -149,12 +167,15 @@ impl Options {
                 )
                 .map(|_| true)
             }
+            None if self.variants => self.variants_study(),
             None => self.study(),
         }
     }
 
-    fn study(&self) -> Result<bool, String> {
-        let start = Instant::now();
+    /// Prepares the work and output directories: the work directory starts empty, so that no
+    /// result of an earlier study can leak in. Only a directory a study made (it holds the
+    /// marker) is cleared, never a user's files.
+    fn prepare_directories(&self) -> Result<(), String> {
         // Start from an empty work directory: no result of an earlier study can leak in. Only
         // a directory this study made (it holds the marker) is cleared, never a user's files.
         let marker = self.work.join(WORK_MARKER);
@@ -176,7 +197,63 @@ impl Options {
             .and_then(|_| std::fs::write(&marker, "burn-lora finetune_study work directory\n"))
             .map_err(|e| format!("cannot create {}: {e}", self.work.display()))?;
         std::fs::create_dir_all(&self.out)
-            .map_err(|e| format!("cannot create {}: {e}", self.out.display()))?;
+            .map_err(|e| format!("cannot create {}: {e}", self.out.display()))
+    }
+
+    /// Runs `variant` alone in a child process and reads its result back.
+    fn run_one(&self, variant: Variant) -> Result<RunResult, String> {
+        let name = variant.id();
+        self.spawn_all(&[(name.clone(), name.clone())])?;
+        let value = run::read_json(&run::result_path(&self.work, &name))?;
+        RunResult::from_json(&value).ok_or(format!("the results of run `{name}` are incomplete"))
+    }
+
+    /// `--variants`: base, full fine-tuning, LoRA and each variant beyond it, one process at a
+    /// time, with the same data, steps and evaluation; a table of quality and costs.
+    fn variants_study(&self) -> Result<bool, String> {
+        let start = Instant::now();
+        self.prepare_directories()?;
+        let mut runs = vec![Variant::Base, Variant::Full, Variant::LoraQkvo(8)];
+        runs.extend(Variant::beyond_lora());
+        let total = runs.len() + 1;
+        eprintln!("[1/{total}] pretraining the base on task A");
+        self.spawn_all(&[("pretrain".into(), "pretrain".into())])?;
+        let mut results = Vec::new();
+        for (index, variant) in runs.iter().enumerate() {
+            eprintln!("[{}/{total}] {}", index + 2, variant.label());
+            let result = self.run_one(*variant)?;
+            eprintln!(
+                "      ROUGE-1 {:.3}, validation loss {:.4}, step {:.0} ms",
+                result.rouge1,
+                result.final_val_loss(),
+                result.step_ms
+            );
+            results.push((*variant, result));
+        }
+        let comparison = variants::Comparison {
+            preset: self.preset.clone(),
+            command: self.command(),
+            machine: machine(),
+            backend: format!("{:?}", Device::default()),
+            wall_seconds: start.elapsed().as_secs_f64(),
+            results,
+        };
+        let markdown = comparison.markdown();
+        let stem = match self.preset.name {
+            "full" => "variants".to_string(),
+            other => format!("variants_{other}"),
+        };
+        let table = self.out.join(format!("{stem}.md"));
+        std::fs::write(&table, &markdown)
+            .map_err(|e| format!("cannot write {}: {e}", table.display()))?;
+        println!("{markdown}");
+        println!("wrote {}", table.display());
+        Ok(true)
+    }
+
+    fn study(&self) -> Result<bool, String> {
+        let start = Instant::now();
+        self.prepare_directories()?;
 
         let comparison = [
             Variant::Base,
@@ -311,6 +388,9 @@ impl Options {
                 .args(["--seed", &self.seed.to_string()])
                 .args(["--full-lr", &self.preset.full_lr.to_string()])
                 .args(["--lora-lr", &self.preset.lora_lr.to_string()])
+                .args(["--loraplus-lr", &self.preset.loraplus_lr.to_string()])
+                .args(["--pissa-lr", &self.preset.pissa_lr.to_string()])
+                .args(["--qlora-lr", &self.preset.qlora_lr.to_string()])
                 .arg("--work")
                 .arg(&self.work);
             if tasks.len() > 1 {
@@ -339,6 +419,9 @@ impl Options {
         let mut command = "cargo run --release --example finetune_study".to_string();
         let default = Preset::by_name(self.preset.name).expect("a known preset");
         let mut flags = Vec::new();
+        if self.variants {
+            flags.push("--variants".to_string());
+        }
         if self.preset.name != "full" {
             flags.push(format!("--{}", self.preset.name));
         }
@@ -350,6 +433,15 @@ impl Options {
         }
         if self.preset.lora_lr != default.lora_lr {
             flags.push(format!("--lora-lr {}", self.preset.lora_lr));
+        }
+        if self.variants && self.preset.loraplus_lr != default.loraplus_lr {
+            flags.push(format!("--loraplus-lr {}", self.preset.loraplus_lr));
+        }
+        if self.variants && self.preset.pissa_lr != default.pissa_lr {
+            flags.push(format!("--pissa-lr {}", self.preset.pissa_lr));
+        }
+        if self.variants && self.preset.qlora_lr != default.qlora_lr {
+            flags.push(format!("--qlora-lr {}", self.preset.qlora_lr));
         }
         if !flags.is_empty() {
             command += &format!(" -- {}", flags.join(" "));

@@ -1,6 +1,7 @@
 //! The study's sizes: the full run, `--quick`, and the miniature one the tests use.
 
 use super::model::LanguageModelConfig;
+use super::variant::Variant;
 
 /// Everything that sets the study's cost. Every fine-tuning variant gets the same budget.
 #[derive(Clone, Debug)]
@@ -21,6 +22,13 @@ pub struct Preset {
     pub full_lr: f64,
     /// Peak learning rate of LoRA: the best of a grid. LoRA, as usual, wants a higher rate.
     pub lora_lr: f64,
+    /// Peak learning rate of `A` under LoRA+ (`B` learns 16 times faster): the best of a grid.
+    pub loraplus_lr: f64,
+    /// Peak learning rate of PiSSA, whose factors start large: the best of a grid.
+    pub pissa_lr: f64,
+    /// Peak learning rate of QLoRA, whose rounded base makes LoRA's edge-of-stability rate
+    /// less forgiving: the best of a grid.
+    pub qlora_lr: f64,
     /// Validation loss every this many steps.
     pub eval_every: usize,
     /// Held-out dialogues for the validation loss.
@@ -54,6 +62,9 @@ impl Preset {
             pretrain_lr: 1e-3,
             full_lr: 4e-3,
             lora_lr: 2e-2,
+            loraplus_lr: 2e-3,
+            pissa_lr: 1e-2,
+            qlora_lr: 1e-2,
             eval_every: 20,
             val_examples: 64,
             test_examples: 128,
@@ -89,6 +100,17 @@ impl Preset {
             test_examples: 4,
             ranks: &[1, 8],
             ..Self::full()
+        }
+    }
+
+    /// The peak learning rate of `variant`.
+    pub fn lr_for(&self, variant: Variant) -> f64 {
+        match variant {
+            Variant::Full => self.full_lr,
+            Variant::LoraPlusQkvo(_) => self.loraplus_lr,
+            Variant::PissaQkvo(_) => self.pissa_lr,
+            Variant::QloraQkvo { .. } => self.qlora_lr,
+            _ => self.lora_lr,
         }
     }
 

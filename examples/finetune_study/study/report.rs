@@ -247,7 +247,7 @@ pub fn percent(part: usize, whole: usize) -> f64 {
     100.0 * part as f64 / whole.max(1) as f64
 }
 
-fn size(bytes: u64) -> String {
+pub fn size(bytes: u64) -> String {
     if bytes >= 1 << 20 {
         format!("{:.2} MiB", bytes as f64 / (1u64 << 20) as f64)
     } else {

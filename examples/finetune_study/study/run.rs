@@ -101,6 +101,7 @@ pub fn pretrain(preset: &Preset, seed: u64, work: &Path, progress: bool) -> Resu
         batch: preset.batch,
         peak_lr: preset.pretrain_lr,
         eval_every: preset.eval_every * 5,
+        lora_plus_ratio: None,
     };
     let start = Instant::now();
     let label = progress.then_some("pretrain (task A)");
@@ -139,6 +140,10 @@ pub fn finetune(
         .try_load_file(base_path(work))
         .map_err(|e| format!("cannot load the base model: {e}"))?;
     let base_params = base.num_params();
+    let base = match variant.quantized_bits() {
+        Some(bits) => quantize(base, bits, &device)?,
+        None => base,
+    };
     let (model, trainable_params, total_params) = match (variant, variant.lora()) {
         (_, Some(config)) => {
             let (model, report) = config.apply(base).map_err(|e| e.to_string())?;
@@ -164,12 +169,9 @@ pub fn finetune(
         let settings = TrainSettings {
             steps: preset.finetune_steps,
             batch: preset.batch,
-            peak_lr: if variant == Variant::Full {
-                preset.full_lr
-            } else {
-                preset.lora_lr
-            },
+            peak_lr: preset.lr_for(variant),
             eval_every: preset.eval_every,
+            lora_plus_ratio: variant.lora_plus_ratio(),
         };
         let label = variant.id();
         let label = progress.then_some(label.as_str());
@@ -200,6 +202,27 @@ pub fn finetune(
         samples,
     };
     write_json(&result_path(work, run), &result.to_json())
+}
+
+/// The base with the linear weights of its encoder quantized to `bits`-bit symmetric integers,
+/// one f32 scale per block of 32 values (QLoRA's frozen base). As in QLoRA, the output head
+/// stays in f32, and so do embeddings, norms and biases.
+fn quantize(model: LanguageModel, bits: u8, device: &Device) -> Result<LanguageModel, String> {
+    use burn::module::{ParamGroup, Quantizer};
+    use burn::tensor::quantization::{Calibration, QuantValue, ScaleDtype};
+    let value = match bits {
+        8 => QuantValue::Q8S,
+        _ => QuantValue::Q4S,
+    };
+    let scheme = device
+        .settings()
+        .quantization
+        .scheme
+        .with_value(value)
+        .per_block([32], ScaleDtype::F32);
+    let mut quantizer = Quantizer::new(Calibration::MinMax, scheme);
+    quantizer.set_param_group(ParamGroup::from_predicate("encoder"));
+    burn_lora::quantize_base(model, &mut quantizer).map_err(|e| e.to_string())
 }
 
 /// Mean ROUGE-1 of greedy summaries of the test dialogues, a digest of every generated token, and

@@ -4,8 +4,11 @@
 use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::optim::lr_scheduler::{LrScheduler, LrSchedulerRecord};
+use burn::optim::{AdamWConfig, GradientsParams, LearningRate};
 use burn::prelude::*;
+use burn_lora::LoraPlusConfig;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::corpus::Sequence;
@@ -18,6 +21,8 @@ pub struct TrainSettings {
     pub batch: usize,
     pub peak_lr: f64,
     pub eval_every: usize,
+    /// LoRA+: `B` learns at this many times the rate of everything else.
+    pub lora_plus_ratio: Option<f64>,
 }
 
 impl TrainSettings {
@@ -30,6 +35,29 @@ impl TrainSettings {
         let progress = (step - warmup) as f64 / (self.steps - warmup).max(1) as f64;
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         self.peak_lr * (0.1 + 0.9 * cosine)
+    }
+}
+
+/// [`TrainSettings::lr`] as a Burn schedule, step after step.
+#[derive(Clone)]
+struct Schedule {
+    settings: TrainSettings,
+    step: usize,
+}
+
+impl LrScheduler for Schedule {
+    fn step(&mut self) -> LearningRate {
+        let lr = self.settings.lr(self.step);
+        self.step += 1;
+        lr
+    }
+
+    fn to_record(&self) -> LrSchedulerRecord {
+        LrSchedulerRecord::new().with_scalar("step", self.step as u64)
+    }
+
+    fn load_record(&mut self, record: LrSchedulerRecord) {
+        self.step = record.scalar::<u64>("step").unwrap_or(0) as usize;
     }
 }
 
@@ -61,6 +89,17 @@ pub fn train(
         Some(label) => progress_bar(settings.steps as u64, label),
         None => ProgressBar::hidden(),
     };
+    let schedule = Schedule {
+        settings: settings.clone(),
+        step: 0,
+    };
+    let mut schedule = match settings.lora_plus_ratio {
+        Some(ratio) => LoraPlusConfig::new()
+            .with_lr_ratio(ratio)
+            .scheduler_from(&model, schedule)
+            .expect("LoRA+ trains an adapted model"),
+        None => ModuleLrScheduler::new(schedule),
+    };
     let mut curve = vec![(0, validation_loss(&model, val))];
     let mut step_seconds = Vec::with_capacity(settings.steps);
     for step in 0..settings.steps {
@@ -69,7 +108,7 @@ pub fn train(
         let batch = Batch::new(&sequences, &device);
         let loss = model.loss(&batch);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(settings.lr(step), model, grads);
+        model = optimizer.step(schedule.step(), model, grads);
         let loss: f32 = loss.into_scalar();
         step_seconds.push(start.elapsed().as_secs_f64());
         let done = step + 1;

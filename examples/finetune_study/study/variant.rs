@@ -1,6 +1,6 @@
 //! The fine-tuning variants and what each run reports.
 
-use burn_lora::{LoraConfig, Targets};
+use burn_lora::{LoraConfig, LoraInit, Targets};
 use serde_json::{Value, json};
 
 /// LoRA's alpha in every LoRA variant: r = 8 gets PEFT's common `alpha = 16`, and the sweep
@@ -18,7 +18,18 @@ pub enum Variant {
     LoraQv(usize),
     /// LoRA on the query, key, value and output projections.
     LoraQkvo(usize),
+    /// DoRA on Q, K, V and O.
+    DoraQkvo(usize),
+    /// LoRA on Q, K, V and O with LoRA+ learning rates (`B` at 16 times `A`'s rate).
+    LoraPlusQkvo(usize),
+    /// LoRA on Q, K, V and O, initialised with PiSSA.
+    PissaQkvo(usize),
+    /// LoRA on Q, K, V and O over a base whose linear weights are quantized to `bits` bits.
+    QloraQkvo { bits: u8, rank: usize },
 }
+
+/// The ratio of `B`'s learning rate to `A`'s in the LoRA+ variant, the paper's default.
+pub const LORA_PLUS_RATIO: f64 = 16.0;
 
 impl Variant {
     /// A name for files and command lines: `base`, `full`, `lora_qv_r8`, `lora_qkvo_r8`.
@@ -28,6 +39,10 @@ impl Variant {
             Self::Full => "full".into(),
             Self::LoraQv(r) => format!("lora_qv_r{r}"),
             Self::LoraQkvo(r) => format!("lora_qkvo_r{r}"),
+            Self::DoraQkvo(r) => format!("dora_qkvo_r{r}"),
+            Self::LoraPlusQkvo(r) => format!("loraplus_qkvo_r{r}"),
+            Self::PissaQkvo(r) => format!("pissa_qkvo_r{r}"),
+            Self::QloraQkvo { bits, rank } => format!("qlora{bits}_qkvo_r{rank}"),
         }
     }
 
@@ -38,6 +53,39 @@ impl Variant {
             Self::Full => "full fine-tuning".into(),
             Self::LoraQv(r) => format!("LoRA Q,V r={r}"),
             Self::LoraQkvo(r) => format!("LoRA Q,K,V,O r={r}"),
+            Self::DoraQkvo(r) => format!("DoRA Q,K,V,O r={r}"),
+            Self::LoraPlusQkvo(r) => format!("LoRA+ Q,K,V,O r={r}"),
+            Self::PissaQkvo(r) => format!("PiSSA Q,K,V,O r={r}"),
+            Self::QloraQkvo { bits, rank } => {
+                format!("QLoRA ({bits}-bit base) Q,K,V,O r={rank}")
+            }
+        }
+    }
+
+    /// The variants `--variants` compares beside full fine-tuning and plain LoRA.
+    pub fn beyond_lora() -> [Self; 5] {
+        [
+            Self::DoraQkvo(8),
+            Self::LoraPlusQkvo(8),
+            Self::PissaQkvo(8),
+            Self::QloraQkvo { bits: 8, rank: 8 },
+            Self::QloraQkvo { bits: 4, rank: 8 },
+        ]
+    }
+
+    /// The bits of the quantized base, for QLoRA.
+    pub fn quantized_bits(&self) -> Option<u8> {
+        match self {
+            Self::QloraQkvo { bits, .. } => Some(*bits),
+            _ => None,
+        }
+    }
+
+    /// LoRA+'s ratio of `B`'s learning rate to `A`'s, for LoRA+.
+    pub fn lora_plus_ratio(&self) -> Option<f64> {
+        match self {
+            Self::LoraPlusQkvo(_) => Some(LORA_PLUS_RATIO),
+            _ => None,
         }
     }
 
@@ -51,6 +99,16 @@ impl Variant {
                     rank(rest).map(Self::LoraQv)
                 } else if let Some(rest) = id.strip_prefix("lora_qkvo_r") {
                     rank(rest).map(Self::LoraQkvo)
+                } else if let Some(rest) = id.strip_prefix("dora_qkvo_r") {
+                    rank(rest).map(Self::DoraQkvo)
+                } else if let Some(rest) = id.strip_prefix("loraplus_qkvo_r") {
+                    rank(rest).map(Self::LoraPlusQkvo)
+                } else if let Some(rest) = id.strip_prefix("pissa_qkvo_r") {
+                    rank(rest).map(Self::PissaQkvo)
+                } else if let Some(rest) = id.strip_prefix("qlora") {
+                    let (bits, rest) = rest.split_once("_qkvo_r")?;
+                    let bits = bits.parse::<u8>().ok().filter(|b| [8, 4].contains(b))?;
+                    rank(rest).map(|rank| Self::QloraQkvo { bits, rank })
                 } else {
                     None
                 }
@@ -62,13 +120,23 @@ impl Variant {
     pub fn lora(&self) -> Option<LoraConfig> {
         let (rank, targets) = match self {
             Self::LoraQv(r) => (*r, Targets::attention_qv()),
-            Self::LoraQkvo(r) => (*r, Targets::attention()),
+            Self::LoraQkvo(r)
+            | Self::DoraQkvo(r)
+            | Self::LoraPlusQkvo(r)
+            | Self::PissaQkvo(r)
+            | Self::QloraQkvo { rank: r, .. } => (*r, Targets::attention()),
             Self::Base | Self::Full => return None,
+        };
+        let init = match self {
+            Self::PissaQkvo(_) => LoraInit::Pissa,
+            _ => LoraInit::KaimingUniform,
         };
         Some(
             LoraConfig::new(rank)
                 .with_alpha(Some(LORA_ALPHA))
-                .with_targets(targets),
+                .with_targets(targets)
+                .with_init(init)
+                .with_use_dora(matches!(self, Self::DoraQkvo(_))),
         )
     }
 }
