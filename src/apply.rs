@@ -304,7 +304,7 @@ fn new_adapter(
     let residual_init = start.residual.as_ref().map(|_| ResidualInit {
         lora_a: start.lora_a.clone(),
         lora_b: start.lora_b.clone(),
-        method: config.init.peft_name().to_string(),
+        method: config.init.peft_name(),
     });
     let mut adapter = LoraAdapter {
         lora_a: Param::from_tensor(start.lora_a),

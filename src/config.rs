@@ -19,8 +19,13 @@ pub enum LoraInit {
     /// PiSSA (Meng et al. 2024): `A` and `B` start from the top-`r` singular vectors of `W`,
     /// scaled by the square roots of their singular values over `s`, and the stored base
     /// becomes the residual `W - s·A·B`. Training then moves the principal directions. Linear
-    /// layers only; the SVD is exact (PEFT's `init_lora_weights="pissa"`).
+    /// layers only; the SVD is exact (PEFT's `init_lora_weights="pissa"`), which costs
+    /// `O(d³)` per weight: for wide weights use [`PissaNiter`](Self::PissaNiter).
     Pissa,
+    /// PiSSA with a randomized top-`r` SVD (Halko et al.) of `niter` subspace iterations, PEFT's
+    /// `init_lora_weights="pissa_niter_<niter>"`: `O(d_in·d_out·r·niter)` instead of `O(d³)`,
+    /// and close to the exact SVD when the spectrum decays (4 iterations are usual).
+    PissaNiter(usize),
     /// OLoRA (Büyükakyüz 2024): `A` and `B` start from the QR factors of `W` (the first `r`
     /// rows of `R` and columns of `Q`), and the stored base becomes `W - s·A·B`. Linear layers
     /// only (PEFT's `init_lora_weights="olora"`).
@@ -30,16 +35,17 @@ pub enum LoraInit {
 impl LoraInit {
     /// Whether the init moves part of the base weight into the adapter (PiSSA, OLoRA).
     pub fn rewrites_base(self) -> bool {
-        matches!(self, Self::Pissa | Self::Olora)
+        matches!(self, Self::Pissa | Self::PissaNiter(_) | Self::Olora)
     }
 
     /// The name PEFT's `init_lora_weights` uses for it.
-    pub fn peft_name(self) -> &'static str {
+    pub fn peft_name(self) -> String {
         match self {
-            Self::KaimingUniform => "true",
-            Self::Gaussian => "gaussian",
-            Self::Pissa => "pissa",
-            Self::Olora => "olora",
+            Self::KaimingUniform => "true".into(),
+            Self::Gaussian => "gaussian".into(),
+            Self::Pissa => "pissa".into(),
+            Self::PissaNiter(niter) => format!("pissa_niter_{niter}"),
+            Self::Olora => "olora".into(),
         }
     }
 }
@@ -174,7 +180,7 @@ impl LoraConfig {
     }
 
     /// Freeze every base parameter of `model` and attach an adapter named `"default"` to each
-    /// targeted linear weight.
+    /// targeted weight (linear, embedding or conv2d).
     ///
     /// Returns the adapted model and a report of what was adapted. The model's output is
     /// unchanged until the adapters train, since `B` starts at zero.

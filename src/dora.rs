@@ -39,7 +39,7 @@ pub(crate) fn magnitude_factor(magnitude: Tensor<1>, adapted: &Tensor<2>) -> Ten
 
 /// A DoRA adapter's contribution to a linear layer's output, added to `x·W + b`:
 /// `(f - 1)⊙(x·W) + f⊙s·(dropout(x)·A)·B` with `f = m / ‖W + s·A·B‖` (PEFT's
-/// `DoraLinearLayer.forward`). With dropout, PEFT applies the dropped input to the base term too.
+/// `DoraLinearLayer.forward`).
 pub(crate) fn linear_update<const D: usize>(
     adapter: &LoraAdapter,
     magnitude: Tensor<1>,
@@ -55,14 +55,23 @@ pub(crate) fn linear_update<const D: usize>(
     let factor: Tensor<D> = magnitude_factor(magnitude, &adapted)
         .cast(dtype)
         .unsqueeze();
-    let input = adapter.dropout.forward(input);
-    let base_output = match adapter.dropout.prob > 0.0 {
-        true => linear(input.clone(), weight.clone(), None),
-        false => base_output,
-    };
+    if adapter.dropout.prob > 0.0 {
+        // PEFT applies the dropped input to the base term too.
+        let input = adapter.dropout.forward(input);
+        let base_output = linear(input.clone(), weight.clone(), None);
+        let low_rank = low_rank_output(adapter, input);
+        return (factor.clone() - 1.0) * base_output + factor * low_rank;
+    }
+    // The same update as `f⊙(x·W + s·(x·A)·B) - x·W`: one product with `f`, so autodiff keeps
+    // one activation-sized tensor for it instead of two.
+    let low_rank = low_rank_output(adapter, input);
+    factor * (base_output.clone() + low_rank) - base_output
+}
+
+/// `s·(x·A)·B`, the scale on the `[.., r]` intermediate.
+fn low_rank_output<const D: usize>(adapter: &LoraAdapter, input: Tensor<D>) -> Tensor<D> {
     let hidden = linear(input, adapter.lora_a.val(), None).mul_scalar(adapter.scale);
-    let low_rank = linear(hidden, adapter.lora_b.val(), None);
-    (factor.clone() - 1.0) * base_output + factor * low_rank
+    linear(hidden, adapter.lora_b.val(), None)
 }
 
 /// `weight` (factor layout, f32) with `adapter` merged in. A DoRA adapter keeps the norms it

@@ -56,7 +56,7 @@ pub enum LoraError {
     #[error("the LoRA config has no target modules")]
     NoTargets,
 
-    /// A target pattern matched no linear layer of the model.
+    /// A target pattern matched no layer of the model that LoRA adapts.
     #[error(
         "target {target} matched no linear layer; linear layers in this model include: [{}]",
         .candidates.join(", ")

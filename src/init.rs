@@ -44,10 +44,14 @@ pub(crate) fn start(
             let a = random(Distribution::Normal(0.0, 1.0 / rank as f64));
             (a, Tensor::zeros([rank, d_out], &device))
         }
-        (LoraInit::Pissa | LoraInit::Olora, LayerKind::Linear) => {
+        (LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora, LayerKind::Linear) => {
             let weight = Matrix::from_tensor(base.clone());
             let (a, b) = match init {
-                LoraInit::Pissa => pissa(&weight, rank, scale),
+                LoraInit::Pissa => pissa(&weight.svd(), rank, scale),
+                LoraInit::PissaNiter(niter) => {
+                    let sketch = random_sketch(weight.cols, rank, &device);
+                    pissa(&weight.randomized_svd(&sketch, niter), rank, scale)
+                }
                 _ => olora(&weight, rank, path)?,
             };
             let residual = weight.add(&a.matmul(&b).scaled(-scale));
@@ -57,7 +61,7 @@ pub(crate) fn start(
                 residual: Some(residual.to_tensor(&device)),
             });
         }
-        (LoraInit::Pissa | LoraInit::Olora, _) => {
+        (LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora, _) => {
             return Err(LoraError::UnsupportedVariant {
                 what: format!(
                     "the {} init on a {} layer (it applies to linear layers)",
@@ -76,23 +80,35 @@ pub(crate) fn start(
     })
 }
 
-/// PiSSA's factors of `W: [d_in, d_out]` (factor layout): with `W = U·diag(σ)·Vᵀ`,
+/// PiSSA's factors from the SVD `W = U·diag(σ)·Vᵀ` of `W: [d_in, d_out]` (factor layout):
 /// `A = U_r·diag(√(σ_r / s))` and `B = diag(√(σ_r / s))·V_rᵀ`, so `s·A·B` is the best rank-`r`
 /// approximation of `W`. This is PEFT's `pissa_init` transposed (PyTorch's weight is `Wᵀ`).
-fn pissa(weight: &Matrix, rank: usize, scale: f64) -> (Matrix, Matrix) {
-    let (u, sigma, v) = weight.svd();
-    let mut a = Matrix::zeros(weight.rows, rank);
-    let mut b = Matrix::zeros(rank, weight.cols);
-    for (k, value) in sigma.iter().enumerate().take(rank) {
+fn pissa((u, sigma, v): &(Matrix, Vec<f64>, Matrix), rank: usize, scale: f64) -> (Matrix, Matrix) {
+    let mut a = Matrix::zeros(u.rows, rank);
+    let mut b = Matrix::zeros(rank, v.rows);
+    // A randomized SVD of a weight of numerical rank below `rank` has fewer columns: the
+    // factors' remaining columns stay zero.
+    for (k, value) in sigma.iter().enumerate().take(rank.min(u.cols)) {
         let root = (value / scale).sqrt();
-        for row in 0..weight.rows {
+        for row in 0..u.rows {
             a.set(row, k, u.get(row, k) * root);
         }
-        for col in 0..weight.cols {
+        for col in 0..v.rows {
             b.set(k, col, v.get(col, k) * root);
         }
     }
     (a, b)
+}
+
+/// The columns a randomized SVD starts from: `rank` plus an oversampling of 8 (at most
+/// `cols`), Gaussian, drawn on `device` so that the device's seed fixes them.
+fn random_sketch(cols: usize, rank: usize, device: &burn::tensor::Device) -> Matrix {
+    let width = (rank + 8).min(cols);
+    Matrix::from_tensor(Tensor::<2>::random(
+        [cols, width],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    ))
 }
 
 /// OLoRA's factors of `W: [d_in, d_out]` (factor layout): PyTorch's weight `Wᵀ = Q·R`, and

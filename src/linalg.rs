@@ -252,6 +252,24 @@ impl Matrix {
     }
 }
 
+impl Matrix {
+    /// A truncated SVD `self ≈ U·diag(σ)·Vᵀ` by randomized subspace iteration (Halko, Martinsson
+    /// and Tropp 2011): the range of `self·sketch` refined by `niter` power iterations, then an
+    /// exact SVD of the small projection. `U` and `V` have as many columns as `sketch`.
+    pub fn randomized_svd(&self, sketch: &Self, niter: usize) -> (Self, Vec<f64>, Self) {
+        let mut range = self.matmul(sketch).qr().0;
+        for _ in 0..niter {
+            let back = self.transpose().matmul(&range).qr().0;
+            range = self.matmul(&back).qr().0;
+        }
+        // self ≈ Q·(Qᵀ·self); the projection is small: [k, cols], k = sketch's width.
+        let projection = range.transpose().matmul(self);
+        let (u_small, sigma, v_small) = projection.transpose().svd();
+        // projectionᵀ = U'·Σ·V'ᵀ, so self ≈ (Q·V')·Σ·U'ᵀ.
+        (range.matmul(&v_small), sigma, u_small)
+    }
+}
+
 /// Rotate columns `p` and `q` of `matrix` by the Jacobi rotation `(c, s)`.
 fn rotate(matrix: &mut Matrix, p: usize, q: usize, c: f64, s: f64) {
     for r in 0..matrix.rows {
@@ -290,6 +308,31 @@ mod tests {
         let (q, r) = a.qr();
         assert!(max_difference(&q.matmul(&r), &a) < 1e-12);
         assert!(max_difference(&q.transpose().matmul(&q), &Matrix::identity(4)) < 1e-12);
+    }
+
+    #[test]
+    fn randomized_svd_finds_the_top_of_a_decaying_spectrum() {
+        // A 40×30 matrix with singular values 2⁰, 2⁻¹, …: known directions, known values.
+        let (q_left, _) = sample(40, 30, 4).qr();
+        let (q_right, _) = sample(30, 30, 5).qr();
+        let mut scaled = q_left.clone();
+        for c in 0..30 {
+            for r in 0..40 {
+                scaled.set(r, c, q_left.get(r, c) * 0.5f64.powi(c as i32));
+            }
+        }
+        let a = scaled.matmul(&q_right.transpose());
+        let (u, sigma, v) = a.randomized_svd(&sample(30, 12, 6), 4);
+        for (k, value) in sigma.iter().take(4).enumerate() {
+            assert!(
+                (value - 0.5f64.powi(k as i32)).abs() < 1e-10,
+                "σ{k} = {value}"
+            );
+            // The singular vectors, up to sign.
+            let dot_u: f64 = (0..40).map(|r| u.get(r, k) * q_left.get(r, k)).sum();
+            let dot_v: f64 = (0..30).map(|r| v.get(r, k) * q_right.get(r, k)).sum();
+            assert!((dot_u.abs() - 1.0).abs() < 1e-10 && (dot_v.abs() - 1.0).abs() < 1e-10);
+        }
     }
 
     #[test]

@@ -50,7 +50,13 @@ pub trait LoraModule: Module + Sized {
     /// Fold every active, unmerged adapter into its base weight: `W ← W + s·A·B`, in f32.
     ///
     /// The merged model costs exactly what the plain model costs. The adapters stay attached,
-    /// so [`unmerge_lora`](Self::unmerge_lora) can take the update out again.
+    /// so [`unmerge_lora`](Self::unmerge_lora) can take the update out again. A DoRA adapter
+    /// folds in its rescaled weight and keeps the norms it divided by, for unmerging.
+    ///
+    /// A quantized base weight (QLoRA) is dequantized, merged in f32 and left in f32, so the
+    /// merged model computes exactly what the adapters did;
+    /// [`merge_quantized`](crate::merge_quantized) reports which weights that happened to and
+    /// can quantize them again, with the error that costs.
     ///
     /// # Errors
     ///

@@ -5,7 +5,7 @@ use core::fmt;
 
 use crate::LayerKind;
 
-/// One linear layer that gets (or got) an adapter.
+/// One layer (linear, embedding or convolution) that gets (or got) an adapter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaptedLayer {
     /// Module path of the layer, e.g. `encoder.layers.0.mha.query`.
@@ -47,11 +47,11 @@ impl AdaptedLayer {
 pub struct TargetMatch {
     /// The target, as written.
     pub target: String,
-    /// Module paths of the linear layers it matched.
+    /// Module paths of the layers it matched.
     pub matched: Vec<String>,
 }
 
-/// A module a target named that LoRA does not adapt (an embedding, a norm, a bias...).
+/// A module a target named that LoRA does not adapt (a norm, a bias...).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SkippedModule {
     /// Module path.
@@ -102,7 +102,7 @@ impl LoraReport {
         percent(self.trainable_params(), self.adapted_weight_params()) - 100.0
     }
 
-    /// Targets that matched no linear layer.
+    /// Targets that matched no layer.
     pub fn unmatched_targets(&self) -> impl Iterator<Item = &TargetMatch> {
         self.targets
             .iter()

@@ -140,7 +140,8 @@ impl ModuleVisitor for Surveyor {
             .last()
             .map(|(_, container)| container.rsplit(':').next().unwrap_or("").to_string())
             .unwrap_or_default();
-        let quantized = matches!(param.base().dtype(), DType::QFloat(_));
+        // A parameter not yet initialized holds no quantized value; reading it would initialize it.
+        let quantized = param.is_initialized() && matches!(param.base().dtype(), DType::QFloat(_));
         self.survey.params.push(ParamSite {
             path: path.clone(),
             owner,

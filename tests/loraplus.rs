@@ -39,8 +39,13 @@ fn adapted(device: &Device) -> Model {
     common::randomize(model, "lora_b", 0.5)
 }
 
-/// For every entry with a gradient: `(w_before - w_after) / gradient`, the rate SGD applied.
-fn applied_rates<const D: usize>(before: Tensor<D>, after: Tensor<D>, grad: Tensor<D>) -> Vec<f64> {
+/// For every entry with a gradient: `(w_before - w_after) / gradient`, the rate SGD applied, and
+/// how far f32 rounding of `w` alone can move that quotient (a few ulps of `w` over the gradient).
+fn applied_rates<const D: usize>(
+    before: Tensor<D>,
+    after: Tensor<D>,
+    grad: Tensor<D>,
+) -> Vec<(f64, f64)> {
     let to_vec = |t: Tensor<D>| {
         t.into_data()
             .convert::<f64>()
@@ -53,7 +58,10 @@ fn applied_rates<const D: usize>(before: Tensor<D>, after: Tensor<D>, grad: Tens
         .zip(&after)
         .zip(&grad)
         .filter(|(_, g)| g.abs() > 1e-4)
-        .map(|((b, a), g)| (b - a) / g)
+        .map(|((b, a), g)| {
+            let rounding = 4.0 * f64::from(f32::EPSILON) * b.abs().max(a.abs()) / g.abs();
+            ((b - a) / g, rounding)
+        })
         .collect()
 }
 
@@ -105,10 +113,10 @@ fn sgd_steps_b_ratio_times_as_far_as_a() {
                 gradients[index].clone(),
             );
             assert!(!rates.is_empty(), "{name}: {path} has no gradient");
-            for rate in rates {
+            for (rate, rounding) in rates {
                 assert!(
-                    (rate - expected).abs() <= 1e-3 * expected,
-                    "{name}: {path} stepped at {rate}, expected {expected}"
+                    (rate - expected).abs() <= 1e-4 * expected + rounding,
+                    "{name}: {path} stepped at {rate}, expected {expected} (± {rounding})"
                 );
             }
         }
@@ -217,7 +225,10 @@ fn lora_plus_training_lowers_the_loss_leaves_the_base_and_merges() {
         device.seed(8);
         let base = Model::new(&device);
         let mut teacher = base.clone();
-        let shift = Tensor::<2>::random([8, 6], Distribution::Normal(0.0, 0.3), &device);
+        // A rank-2 change, which the rank-4 adapter can learn whatever the draw.
+        let u = Tensor::<2>::random([8, 2], Distribution::Normal(0.0, 0.5), &device);
+        let v = Tensor::<2>::random([2, 6], Distribution::Normal(0.0, 0.5), &device);
+        let shift = u.matmul(v);
         teacher.query.weight = teacher.query.weight.clone().map(|w| w + shift.clone());
         let ids = Tensor::<2, Int>::from_data(
             TensorData::new(
@@ -235,7 +246,7 @@ fn lora_plus_training_lowers_the_loss_leaves_the_base_and_merges() {
             .with_weight_decay(0.0)
             .init();
         let mut losses = Vec::new();
-        for _ in 0..100 {
+        for _ in 0..200 {
             let loss = (model.forward(ids.clone()) - target.clone())
                 .powi_scalar(2)
                 .mean();

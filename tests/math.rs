@@ -7,29 +7,15 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_lora::{LoraConfig, LoraInit, LoraLinear, LoraModule, LoraState, Targets};
-use common::{HostTensor, devices, param_ids, randomize, values};
+use common::{HostTensor, Projections, devices, param_ids, randomize, values};
 
 const D_IN: usize = 24;
 const D_OUT: usize = 16;
 const RANK: usize = 4;
 
-#[derive(Module, Debug)]
-struct Projections {
-    query: LoraLinear,
-    value: Linear,
-}
-
-impl Projections {
-    fn new(device: &Device) -> Self {
-        Self {
-            query: LinearConfig::new(D_IN, D_OUT).init(device).into(),
-            value: LinearConfig::new(D_IN, D_OUT).init(device),
-        }
-    }
-
-    fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
-        (self.query.forward(x.clone()), self.value.forward(x))
-    }
+/// The test's two projections, `D_IN` to `D_OUT`.
+fn projections(device: &Device) -> Projections {
+    Projections::new(D_IN, D_OUT, device)
 }
 
 fn config() -> LoraConfig {
@@ -62,12 +48,12 @@ fn flat(output: Tensor<3>) -> HostTensor {
 fn right_after_apply_the_output_is_the_base_output_bit_for_bit() {
     for (name, device) in devices() {
         device.seed(1);
-        let model = Projections::new(&device);
+        let model = projections(&device);
         let x = input(&device);
-        let (query, value) = model.forward(x.clone());
+        let (query, value) = model.outputs(x.clone());
 
         let (adapted, _) = config().apply(model).unwrap();
-        let (adapted_query, adapted_value) = adapted.forward(x);
+        let (adapted_query, adapted_value) = adapted.outputs(x);
 
         assert_eq!(
             adapted_query.into_data(),
@@ -86,7 +72,7 @@ fn right_after_apply_the_output_is_the_base_output_bit_for_bit() {
 fn unmerged_and_merged_outputs_equal_the_naive_formula() {
     for (name, device) in devices() {
         device.seed(2);
-        let (model, _) = config().apply(Projections::new(&device)).unwrap();
+        let (model, _) = config().apply(projections(&device)).unwrap();
         let model = randomize(model, "lora_b", 0.5);
         let x = input(&device);
         let scale = 8.0 / RANK as f64;
@@ -98,7 +84,7 @@ fn unmerged_and_merged_outputs_equal_the_naive_formula() {
             "{name}: a meaningful output"
         );
 
-        let (query, value) = model.forward(x.clone());
+        let (query, value) = model.outputs(x.clone());
         let query_error = flat(query).error_vs_max(&expected_query);
         let value_error = flat(value).error_vs_max(&expected_value);
         assert!(
@@ -111,7 +97,7 @@ fn unmerged_and_merged_outputs_equal_the_naive_formula() {
         );
 
         let merged = model.merge_lora().unwrap();
-        let (query, value) = merged.forward(x.clone());
+        let (query, value) = merged.outputs(x.clone());
         let query_error = flat(query).error_vs_max(&expected_query);
         let value_error = flat(value).error_vs_max(&expected_value);
         assert!(
@@ -129,7 +115,7 @@ fn unmerged_and_merged_outputs_equal_the_naive_formula() {
 fn the_fast_path_equals_the_dense_composition() {
     for (name, device) in devices() {
         device.seed(3);
-        let (model, _) = config().apply(Projections::new(&device)).unwrap();
+        let (model, _) = config().apply(projections(&device)).unwrap();
         let model = randomize(model, "lora_b", 0.5);
         let x = input(&device);
 
@@ -146,7 +132,7 @@ fn the_fast_path_equals_the_dense_composition() {
 fn merge_then_unmerge_restores_the_base_weight() {
     for (name, device) in devices() {
         device.seed(4);
-        let (model, _) = config().apply(Projections::new(&device)).unwrap();
+        let (model, _) = config().apply(projections(&device)).unwrap();
         let model = randomize(model, "lora_b", 0.5);
         let original = values(&model);
 
@@ -177,12 +163,12 @@ fn merge_then_unmerge_restores_the_base_weight() {
 fn merged_layers_carry_merged_adapters_and_unload_returns_the_base() {
     let device = Device::flex();
     device.seed(5);
-    let base = Projections::new(&device);
+    let base = projections(&device);
     let x = input(&device);
-    let (base_query, _) = base.forward(x.clone());
+    let (base_query, _) = base.outputs(x.clone());
     let (model, _) = config().apply(base.clone()).unwrap();
     let model = randomize(model, "lora_b", 0.5);
-    let (unmerged_query, _) = model.forward(x.clone());
+    let (unmerged_query, _) = model.outputs(x.clone());
 
     let merged = model.merge_lora().unwrap();
     assert!(merged.lora_adapters().iter().all(|info| info.merged));
@@ -191,7 +177,7 @@ fn merged_layers_carry_merged_adapters_and_unload_returns_the_base() {
     let plain = merged.merge_and_unload_lora().unwrap();
     assert!(plain.lora_adapters().is_empty());
     assert_eq!(plain.num_params(), base.num_params());
-    let (plain_query, _) = plain.forward(x.clone());
+    let (plain_query, _) = plain.outputs(x.clone());
     let error = flat(plain_query).error_vs_max(&flat(unmerged_query));
     assert!(
         error < 1e-5,
@@ -200,7 +186,7 @@ fn merged_layers_carry_merged_adapters_and_unload_returns_the_base() {
 
     let unloaded = merged.unload_lora().unwrap();
     assert!(unloaded.lora_adapters().is_empty());
-    let (unloaded_query, _) = unloaded.forward(x);
+    let (unloaded_query, _) = unloaded.outputs(x);
     let error = flat(unloaded_query).error_vs_max(&flat(base_query));
     assert!(
         error < 1e-6,
@@ -214,11 +200,11 @@ fn rslora_scales_by_alpha_over_root_rank() {
     device.seed(6);
     let config = config().with_use_rslora(true);
     assert_eq!(config.scale(), 8.0 / 2.0);
-    let (model, _) = config.apply(Projections::new(&device)).unwrap();
+    let (model, _) = config.apply(projections(&device)).unwrap();
     let model = randomize(model, "lora_b", 0.5);
     let x = input(&device);
     let expected = naive(&model, "query", &x, 8.0 / (RANK as f64).sqrt());
-    let (query, _) = model.forward(x);
+    let (query, _) = model.outputs(x);
     let error = flat(query).error_vs_max(&expected);
     assert!(error < 1e-5, "rsLoRA error {error:e}");
 }
@@ -263,7 +249,7 @@ fn dropout_acts_in_training_only() {
     let device = Device::flex().autodiff();
     device.seed(8);
     let config = config().with_dropout(0.5);
-    let (model, _) = config.apply(Projections::new(&device)).unwrap();
+    let (model, _) = config.apply(projections(&device)).unwrap();
     let model = randomize(model, "lora_b", 0.5);
     let x = input(&device);
 
@@ -311,7 +297,7 @@ fn the_seed_example_reports_4608_trainable_of_32768() {
 fn merge_and_unmerge_keep_every_parameter_id() {
     // Optimizer state is keyed by ParamId: a rebuild that changed ids would silently reset it.
     let device = Device::flex();
-    let (model, _) = config().apply(Projections::new(&device)).unwrap();
+    let (model, _) = config().apply(projections(&device)).unwrap();
     let ids = param_ids(&model);
     assert_eq!(ids.len(), 4 + 4, "two weights, two biases, two A, two B");
     let merged = model.merge_lora().unwrap();

@@ -11,28 +11,14 @@ use burn::tensor::{DType, Distribution};
 use burn_lora::{
     LoraConfig, LoraError, LoraLinear, LoraModule, Targets, merge_quantized, quantize_base,
 };
-use common::{HostTensor, devices, randomize};
+use common::{HostTensor, Projections, devices, randomize};
 
 const D_IN: usize = 32;
 const D_OUT: usize = 24;
 
-#[derive(Module, Debug)]
-struct Projections {
-    query: LoraLinear,
-    value: Linear,
-}
-
-impl Projections {
-    fn new(device: &Device) -> Self {
-        Self {
-            query: LinearConfig::new(D_IN, D_OUT).init(device).into(),
-            value: LinearConfig::new(D_IN, D_OUT).init(device),
-        }
-    }
-
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.query.forward(x.clone()) + self.value.forward(x)
-    }
+/// The test's two projections, `D_IN` to `D_OUT`.
+fn projections(device: &Device) -> Projections {
+    Projections::new(D_IN, D_OUT, device)
 }
 
 fn scheme(device: &Device) -> QuantScheme {
@@ -61,7 +47,7 @@ fn config() -> LoraConfig {
 fn only_linear_weights_are_quantized_and_the_adapters_stay_float() {
     for (name, device) in devices() {
         device.seed(1);
-        let model = quantize_base(Projections::new(&device), &mut quantizer(&device)).unwrap();
+        let model = quantize_base(projections(&device), &mut quantizer(&device)).unwrap();
         assert!(is_quantized(&model.query.weight.val()), "{name}");
         assert!(is_quantized(&model.value.weight.val()), "{name}");
         let bias = model.query.bias.as_ref().unwrap().val();
@@ -90,7 +76,7 @@ fn only_linear_weights_are_quantized_and_the_adapters_stay_float() {
 fn the_forward_adds_the_adapters_to_the_dequantized_base() {
     for (name, device) in devices() {
         device.seed(2);
-        let model = quantize_base(Projections::new(&device), &mut quantizer(&device)).unwrap();
+        let model = quantize_base(projections(&device), &mut quantizer(&device)).unwrap();
         let (model, _) = config().apply(model).unwrap();
         let model = randomize(model, "lora_b", 0.2);
         let x = Tensor::<2>::random([5, D_IN], Distribution::Default, &device);
@@ -124,7 +110,7 @@ fn training_moves_the_adapters_and_never_the_quantized_base() {
     for (name, device) in devices() {
         let device = device.autodiff();
         device.seed(3);
-        let base = Projections::new(&device);
+        let base = projections(&device);
         let mut teacher = base.clone();
         let u = Tensor::<2>::random([D_IN, 2], Distribution::Normal(0.0, 0.3), &device);
         let v = Tensor::<2>::random([2, D_OUT], Distribution::Normal(0.0, 0.3), &device);
@@ -226,7 +212,7 @@ fn gradients_equal_those_over_the_dequantized_base() {
 fn merging_dequantizes_and_requantizing_reports_its_error() {
     for (name, device) in devices() {
         device.seed(4);
-        let model = quantize_base(Projections::new(&device), &mut quantizer(&device)).unwrap();
+        let model = quantize_base(projections(&device), &mut quantizer(&device)).unwrap();
         let (model, _) = config().apply(model).unwrap();
         let model = randomize(model, "lora_b", 0.2);
         let x = Tensor::<2>::random([5, D_IN], Distribution::Default, &device);
@@ -267,7 +253,7 @@ fn merging_dequantizes_and_requantizing_reports_its_error() {
 fn dora_over_a_quantized_base_starts_at_it_and_merges_exactly() {
     for (name, device) in devices() {
         device.seed(6);
-        let model = quantize_base(Projections::new(&device), &mut quantizer(&device)).unwrap();
+        let model = quantize_base(projections(&device), &mut quantizer(&device)).unwrap();
         let x = Tensor::<2>::random([5, D_IN], Distribution::Default, &device);
         let before = HostTensor::from(model.forward(x.clone()));
         let (model, _) = config().with_use_dora(true).apply(model).unwrap();

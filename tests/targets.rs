@@ -260,3 +260,16 @@ fn an_invalid_regex_is_a_typed_error() {
     let error = config.plan(&model(&Device::flex())).unwrap_err();
     assert!(matches!(error, LoraError::InvalidRegex { .. }), "{error:?}");
 }
+
+#[test]
+fn a_model_that_is_one_linear_layer_is_adapted_at_the_root() {
+    let device = Device::flex();
+    let layer: Linear = LinearConfig::new(6, 4).init(&device);
+    let config = LoraConfig::new(2).with_targets(Targets::all_linear());
+    let (model, report) = config.apply(layer).unwrap();
+    // The root module's path is empty; its weight is `weight`.
+    assert_eq!(report.layers.len(), 1);
+    assert_eq!(report.layers[0].path, "");
+    assert_eq!(model.lora_adapters().len(), 1);
+    assert!(model.merge_and_unload_lora().is_ok());
+}

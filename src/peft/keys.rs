@@ -184,6 +184,22 @@ pub(crate) fn factor_segment(factor: Factor, kind: crate::LayerKind) -> &'static
     }
 }
 
+/// The shapes PEFT stores `A`, `B` and DoRA's magnitude in, for an adapter of `rank` on a weight
+/// of shape `dims` and `kind`: PyTorch's layouts, `A: [r, d_in]` (`[r, c_in, k1, k2]` for a
+/// convolution), `B: [d_out, r]` (`[c_out, r, 1, 1]`), the magnitude `[d_out]`
+/// (`[1, c_out, 1, 1]`).
+pub(crate) fn peft_shapes(kind: crate::LayerKind, dims: &[usize], rank: usize) -> [Vec<usize>; 3] {
+    let (d_in, d_out) = crate::layer::factor_dims(dims);
+    match kind {
+        crate::LayerKind::Conv2d => {
+            let mut a_shape = vec![rank];
+            a_shape.extend_from_slice(&dims[1..]);
+            [a_shape, vec![d_out, rank, 1, 1], vec![1, d_out, 1, 1]]
+        }
+        _ => [vec![rank, d_in], vec![d_out, rank], vec![d_out]],
+    }
+}
+
 /// The full key PEFT writes for `factor` of the module at `peft_path`.
 pub(crate) fn factor_key(peft_path: &str, factor: Factor, kind: crate::LayerKind) -> String {
     let segment = factor_segment(factor, kind);

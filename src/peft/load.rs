@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::config::{AdapterConfig, TargetModules, modules_match};
 use super::files::{HostTensor, read_file, read_tensors};
-use super::keys::{Factor, Key, KeyMap, factor_key, factor_segment, parse_key};
+use super::keys::{Factor, Key, KeyMap, factor_key, factor_segment, parse_key, peft_shapes};
 use super::report::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::apply::factor_dtype;
@@ -108,8 +108,8 @@ impl PeftAdapter {
     /// # Errors
     ///
     /// [`LoraError::InvalidSafetensors`], [`LoraError::InvalidConfig`] and
-    /// [`LoraError::UnsupportedAdapter`] (a config or a tensor key of DoRA, embedding adapters,
-    /// `modules_to_save`, LoRA biases, base-rewriting inits...).
+    /// [`LoraError::UnsupportedAdapter`] (a config or a tensor key of `modules_to_save`, LoRA
+    /// biases, unconverted base-rewriting inits...).
     pub fn from_bytes(weights: &[u8], config: &str, source: &str) -> Result<Self, LoraError> {
         let config = AdapterConfig::from_json(config, &format!("{source}/{CONFIG_FILE}"))?;
         let tensors = read_tensors(weights, &format!("{source}/{WEIGHTS_FILE}"))?;
@@ -371,16 +371,7 @@ impl PeftAdapter {
             Some(key) => format!("rank_pattern \"{key}\" gives r = {rank}"),
             None => format!("config r = {rank}"),
         };
-        // PyTorch's layouts: A is [r, d_in] ([r, c_in, k1, k2] for a convolution), B is
-        // [d_out, r] ([c_out, r, 1, 1]); DoRA's magnitude is [d_out] ([1, c_out, 1, 1]).
-        let (a_shape, b_shape, magnitude_shape) = match kind {
-            LayerKind::Conv2d => {
-                let mut a_shape = vec![rank];
-                a_shape.extend_from_slice(&site.dims[1..]);
-                (a_shape, vec![d_out, rank, 1, 1], vec![1, d_out, 1, 1])
-            }
-            _ => (vec![rank, d_in], vec![d_out, rank], vec![d_out]),
-        };
+        let [a_shape, b_shape, magnitude_shape] = peft_shapes(kind, &site.dims, rank);
         let inputs = match kind {
             LayerKind::Conv2d => format!("c_in·k1·k2 = {d_in}"),
             _ => format!("d_in = {d_in}"),

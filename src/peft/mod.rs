@@ -4,9 +4,12 @@
 //!
 //! - `adapter_model.safetensors`: for each adapted module, `base_model.model.<path>.lora_A.weight`
 //!   of shape `[r, d_in]` and `….lora_B.weight` of shape `[d_out, r]`, PyTorch's layout, the
-//!   transposes of burn-lora's `A: [d_in, r]` and `B: [r, d_out]`;
+//!   transposes of burn-lora's `A: [d_in, r]` and `B: [r, d_out]`. An embedding's are
+//!   `….lora_embedding_A` / `_B` (no `.weight`); a convolution's `lora_A` keeps the kernel axes
+//!   (`[r, c_in, k1, k2]`) and its `lora_B` is `[c_out, r, 1, 1]`; a DoRA adapter adds
+//!   `….lora_magnitude_vector` (`[d_out]`);
 //! - `adapter_config.json`: `peft_type: "LORA"`, `r`, `lora_alpha`, `target_modules`,
-//!   `rank_pattern`, `alpha_pattern`, `use_rslora` and the rest ([`AdapterConfig`]).
+//!   `rank_pattern`, `alpha_pattern`, `use_rslora`, `use_dora` and the rest ([`AdapterConfig`]).
 //!
 //! [`save_adapter`] writes one named adapter of a model; [`load_adapter`] attaches one to a
 //! model. Module paths differ between a Hugging Face checkpoint and a Burn port; a [`KeyMap`]
@@ -29,10 +32,11 @@
 //!
 //! Loading is strict by default: missing or unexpected keys, shapes or ranks that disagree with
 //! the model or the config, unusable dtypes, empty tensors and NaN or Inf all fail, with a
-//! [`LoadReport`] that lists every one. Adapters that need more than plain LoRA (DoRA,
-//! `modules_to_save`, embedding adapters, inits that rewrite the base such as PiSSA, OLoRA or
-//! LoftQ) are refused whole, never half-applied. Writes go through a temporary file and a
-//! rename, so a crash never leaves half a file.
+//! [`LoadReport`] that lists every one. Features burn-lora cannot reproduce (`modules_to_save`,
+//! LoRA biases, files still relative to a base rewritten by PiSSA, OLoRA or LoftQ...) are refused
+//! whole, never half-applied. A PiSSA or OLoRA adapter trained here is saved as PEFT converts
+//! it: a plain LoRA of rank `2r` for the original base. Writes go through a temporary file and
+//! a rename, so a crash never leaves half a file.
 
 mod config;
 mod files;

@@ -10,11 +10,11 @@ use safetensors::Dtype;
 
 use super::config::{AdapterConfig, TargetModules, modules_match};
 use super::files::{OutTensor, io_error, write_atomically, write_tensors};
-use super::keys::{Factor, KeyMap, factor_key};
+use super::keys::{Factor, KeyMap, factor_key, peft_shapes};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::rebuild::Snapshot;
 use crate::survey::module_path_of;
-use crate::{LayerKind, LoraAdapter, LoraError};
+use crate::{LoraAdapter, LoraError};
 
 /// How [`save_adapter_with`](crate::peft::save_adapter_with) writes an adapter.
 #[derive(Debug, Clone, Default)]
@@ -105,17 +105,10 @@ pub(crate) fn save<M: Module>(
         let kind = site.kind().expect("an adaptable weight has a kind");
         let (lora_a, lora_b) = plain_delta_factors(adapter, path)?;
         let rank = lora_a.dims()[1];
-        let (d_in, d_out) = site.factor_dims();
-        // PyTorch's layouts: A is [r, d_in] and B is [d_out, r], the transposes of Burn's; a
-        // convolution's A keeps the kernel axes and its B is a 1×1 kernel.
-        let (a_shape, b_shape, magnitude_shape) = match kind {
-            LayerKind::Conv2d => {
-                let mut a_shape = vec![rank];
-                a_shape.extend_from_slice(&site.dims[1..]);
-                (a_shape, vec![d_out, rank, 1, 1], vec![1, d_out, 1, 1])
-            }
-            _ => (vec![rank, d_in], vec![d_out, rank], vec![d_out]),
-        };
+        let (_, d_out) = site.factor_dims();
+        // PyTorch's layouts, the transposes of Burn's (the same values, row-major, under a
+        // convolution's kernel axes).
+        let [a_shape, b_shape, magnitude_shape] = peft_shapes(kind, &site.dims, rank);
         let mut parts = vec![
             (Factor::A, lora_a.transpose(), a_shape),
             (Factor::B, lora_b.transpose(), b_shape),

@@ -7,8 +7,10 @@ pub mod fixture;
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorData};
+use burn_lora::LoraLinear;
 
 /// Every backend this build can run: flex and ndarray always, wgpu with `--features wgpu`.
 #[allow(deprecated)] // ndarray is deprecated upstream, and still tested here
@@ -21,6 +23,34 @@ pub fn devices() -> Vec<(&'static str, Device)> {
         Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
     ));
     devices
+}
+
+/// Two projections of the same input side by side: `query` on the fast path (`LoraLinear`),
+/// `value` a plain `Linear` that adapters compose densely. `Targets::attention_qv()` picks both.
+#[derive(Module, Debug)]
+pub struct Projections {
+    pub query: LoraLinear,
+    pub value: Linear,
+}
+
+impl Projections {
+    pub fn new(d_in: usize, d_out: usize, device: &Device) -> Self {
+        Self {
+            query: LinearConfig::new(d_in, d_out).init(device).into(),
+            value: LinearConfig::new(d_in, d_out).init(device),
+        }
+    }
+
+    /// Both outputs, `(query, value)`.
+    pub fn outputs<const D: usize>(&self, x: Tensor<D>) -> (Tensor<D>, Tensor<D>) {
+        (self.query.forward(x.clone()), self.value.forward(x))
+    }
+
+    /// Their sum, one output that depends on both layers.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let (query, value) = self.outputs(x);
+        query + value
+    }
 }
 
 /// Every float parameter of `model`, adapter factors included: path, id and stored data.
