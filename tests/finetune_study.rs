@@ -195,17 +195,7 @@ fn miniature_variants_comparison_runs_every_variant() {
     let root = std::env::temp_dir().join(format!("burn_lora_variants_{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let (work, out) = (root.join("work"), root.join("out"));
-    let args: Vec<String> = [
-        "finetune_study",
-        "--variants",
-        "--miniature",
-        "--out",
-        path(&out),
-        "--work",
-        path(&work),
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = study_args(&["--variants", "--miniature"], &out, &work);
     assert!(study::run(&args).expect("the variants comparison runs"));
     let result = |variant: Variant| {
         let value = read_json(&result_path(&work, &variant.id())).expect("results");
@@ -280,16 +270,7 @@ fn run_names() -> Vec<String> {
 fn run_miniature(dir: &Path) -> std::collections::HashMap<String, RunResult> {
     let work: PathBuf = dir.join("work");
     let out = dir.join("out");
-    let args: Vec<String> = [
-        "finetune_study",
-        "--miniature",
-        "--out",
-        path(&out),
-        "--work",
-        path(&work),
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = study_args(&["--miniature"], &out, &work);
     let passed = study::run(&args).expect("the miniature study runs");
     assert!(passed, "a miniature study holds its determinism bar");
     run_names()
@@ -300,6 +281,14 @@ fn run_miniature(dir: &Path) -> std::collections::HashMap<String, RunResult> {
             (name, result)
         })
         .collect()
+}
+
+/// The study's command line with `flags`, writing to `out` and working in `work`.
+fn study_args(flags: &[&str], out: &Path, work: &Path) -> Vec<String> {
+    let mut args = vec!["finetune_study".to_string()];
+    args.extend(flags.iter().map(|flag| flag.to_string()));
+    args.extend(["--out", path(out), "--work", path(work)].map(String::from));
+    args
 }
 
 fn path(path: &Path) -> &str {

@@ -226,10 +226,8 @@ fn lora_plus_training_lowers_the_loss_leaves_the_base_and_merges() {
         let base = Model::new(&device);
         let mut teacher = base.clone();
         // A rank-2 change, which the rank-4 adapter can learn whatever the draw.
-        let u = Tensor::<2>::random([8, 2], Distribution::Normal(0.0, 0.5), &device);
-        let v = Tensor::<2>::random([2, 6], Distribution::Normal(0.0, 0.5), &device);
-        let shift = u.matmul(v);
-        teacher.query.weight = teacher.query.weight.clone().map(|w| w + shift.clone());
+        let change = common::low_rank_change(8, 6, 0.5, &device);
+        teacher.query.weight = teacher.query.weight.clone().map(|w| w + change.clone());
         let ids = Tensor::<2, Int>::from_data(
             TensorData::new(
                 (0..40).map(|i| (i * 7 % 10) as i64).collect::<Vec<_>>(),

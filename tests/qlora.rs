@@ -112,13 +112,8 @@ fn training_moves_the_adapters_and_never_the_quantized_base() {
         device.seed(3);
         let base = projections(&device);
         let mut teacher = base.clone();
-        let u = Tensor::<2>::random([D_IN, 2], Distribution::Normal(0.0, 0.3), &device);
-        let v = Tensor::<2>::random([2, D_OUT], Distribution::Normal(0.0, 0.3), &device);
-        teacher.query.weight = teacher
-            .query
-            .weight
-            .clone()
-            .map(|w| w + u.clone().matmul(v.clone()));
+        let change = common::low_rank_change(D_IN, D_OUT, 0.3, &device);
+        teacher.query.weight = teacher.query.weight.clone().map(|w| w + change.clone());
         let x = Tensor::<2>::random([64, D_IN], Distribution::Normal(0.0, 1.0), &device);
         let target = teacher.forward(x.clone()).detach();
 

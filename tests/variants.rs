@@ -207,13 +207,12 @@ fn dora_trains_its_magnitude_and_factors_and_leaves_the_base_untouched() {
         // The teacher rescales the output features and adds a low-rank change.
         let mut teacher = base.clone();
         let factors = Tensor::<2>::random([1, D_OUT], Distribution::Uniform(0.5, 1.5), &device);
-        let u = Tensor::<2>::random([D_IN, 2], Distribution::Normal(0.0, 0.3), &device);
-        let v = Tensor::<2>::random([2, D_OUT], Distribution::Normal(0.0, 0.3), &device);
+        let change = common::low_rank_change(D_IN, D_OUT, 0.3, &device);
         teacher.query.weight = teacher
             .query
             .weight
             .clone()
-            .map(|w| (w + u.clone().matmul(v.clone())) * factors.clone());
+            .map(|w| (w + change.clone()) * factors.clone());
         let x = Tensor::<2>::random([32, D_IN], Distribution::Normal(0.0, 1.0), &device);
         let target = teacher.forward(x.clone()).detach();
 
@@ -319,13 +318,8 @@ fn embedding_adapters_train_and_leave_the_table_untouched() {
         device.seed(17);
         let base = Tokens::new(&device);
         let mut teacher = base.clone();
-        let u = Tensor::<2>::random([20, 2], Distribution::Normal(0.0, 0.5), &device);
-        let v = Tensor::<2>::random([2, 8], Distribution::Normal(0.0, 0.5), &device);
-        teacher.embed.weight = teacher
-            .embed
-            .weight
-            .clone()
-            .map(|w| w + u.clone().matmul(v.clone()));
+        let change = common::low_rank_change(20, 8, 0.5, &device);
+        teacher.embed.weight = teacher.embed.weight.clone().map(|w| w + change.clone());
         let target = teacher.forward(ids(&device)).detach();
         let config = LoraConfig::new(4).with_targets(Targets::names(["embed"]));
         let (model, _) = config.apply(base).unwrap();

@@ -53,6 +53,14 @@ impl Projections {
     }
 }
 
+/// A random rank-2 change `U·V` of a `[d_in, d_out]` weight, entries of `U` and `V` drawn from
+/// `N(0, std²)`: what a teacher adds, so that adapters of rank 2 or more can learn it exactly.
+pub fn low_rank_change(d_in: usize, d_out: usize, std: f64, device: &Device) -> Tensor<2> {
+    let u = Tensor::<2>::random([d_in, 2], Distribution::Normal(0.0, std), device);
+    let v = Tensor::<2>::random([2, d_out], Distribution::Normal(0.0, std), device);
+    u.matmul(v)
+}
+
 /// Every float parameter of `model`, adapter factors included: path, id and stored data.
 fn params<M: Module>(model: &M) -> Vec<(String, ParamId, TensorData)> {
     struct Reader {
