@@ -1,6 +1,12 @@
-//! The error type of burn-lora.
+//! The error type of burn-lora, and the report a refused adapter file comes with.
+//!
+//! This is the bottom of the crate: every other module may use it, and it uses none of them.
+
+mod load_report;
 
 use thiserror::Error;
+
+pub use load_report::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 
 /// Everything that can go wrong when configuring, attaching, merging or removing LoRA adapters.
 ///
@@ -252,7 +258,7 @@ pub enum LoraError {
         /// The adapter's directory.
         path: String,
         /// Everything the loader found.
-        report: Box<crate::peft::LoadReport>,
+        report: Box<LoadReport>,
     },
 
     /// A [`KeyMap`](crate::peft::KeyMap) that does not map a module path back to itself.

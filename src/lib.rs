@@ -13,7 +13,7 @@
 //! - **rank** `r`: the inner size of `A·B`; 4 to 32 is usual.
 //! - **alpha**: sets the scale `s = alpha / r` (`alpha / √r` with rsLoRA).
 //! - **targets**: which modules get adapters, by module path ([`Targets`]).
-//! - **adapter**: one named pair `(A, B)` on a weight ([`LoraAdapter`]), stored as Burn's
+//! - **adapter**: one named pair `(A, B)` on a weight ([`Adapter`]), stored as Burn's
 //!   reparameterization on the weight's `Param` ([`LoraState`]), so any Burn model can be
 //!   adapted without changing its code.
 //! - **merge / unmerge**: fold `s·A·B` into `W` and take it back out ([`LoraModule`]).
@@ -28,7 +28,7 @@
 //! ## Variants
 //!
 //! - **DoRA**: [`LoraConfig::use_dora`] adds a trainable magnitude per output feature
-//!   ([`LoraAdapter::magnitude`]), PEFT's `use_dora`.
+//!   ([`Adapter::magnitude`]), PEFT's `use_dora`.
 //! - **PiSSA, OLoRA**: [`LoraInit::Pissa`] and [`LoraInit::Olora`] start the factors from the
 //!   base's principal directions; saving converts them to a plain LoRA for the original base.
 //! - **LoRA+**: [`LoraPlusConfig`] builds Burn's per-group learning rates, `B` at `ratio × lr`.
@@ -73,6 +73,13 @@
 //! # }
 //! ```
 //!
+//! ## Layout
+//!
+//! The modules are layers, and each imports only from the ones below it: `error` (the error
+//! type) → `config` (what the user asks for, as data) → `adapter` (one adapted weight: its
+//! factors and math) → `layers` ([`LoraLinear`], mixed batches, [`nn`]) → `model` (whole-model
+//! operations: [`LoraModule`]) → `variants` (LoRA+, QLoRA) and [`peft`] (the file format).
+//!
 //! ## Backends
 //!
 //! burn-lora runs on every Burn device. Its Cargo features pick the backends compiled in:
@@ -80,35 +87,21 @@
 //! lavapipe on CPU). `Device::default()` picks one, and `BURN_DEVICE` overrides it.
 
 mod adapter;
-mod apply;
-mod combine;
 mod config;
-mod dora;
 mod error;
-mod init;
-mod layer;
-mod linalg;
-mod linear;
-mod loraplus;
-mod mixed;
+mod layers;
 mod model;
-pub mod nn;
 pub mod peft;
-mod quantized;
-mod rebuild;
-mod report;
-mod survey;
-mod targets;
+mod variants;
 
-pub use adapter::{DEFAULT_ADAPTER, LoraAdapter, LoraState, ResidualInit};
-pub use combine::{Combination, CombineReport, CombinedLayer};
-pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern};
+pub use adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit};
+pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern, Target, Targets, layer_index};
 pub use error::LoraError;
-pub use layer::LayerKind;
-pub use linear::{LoraLinear, LoraLinearConfig};
-pub use loraplus::LoraPlusConfig;
-pub use mixed::MixedBatch;
-pub use model::{AdapterInfo, LoraModule};
-pub use quantized::{QuantizedMerge, QuantizedMergeReport, merge_quantized, quantize_base};
-pub use report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
-pub use targets::{CompiledTarget, CompiledTargets, Target, Targets, layer_index};
+pub use layers::{LoraLinear, LoraLinearConfig, MixedBatch, nn};
+pub use model::{
+    AdaptedLayer, AdapterInfo, Combination, CombineReport, CombinedLayer, LoraModule, LoraReport,
+    SkippedModule, TargetMatch,
+};
+pub use variants::{
+    LoraPlusConfig, QuantizedMerge, QuantizedMergeReport, merge_quantized, quantize_base,
+};

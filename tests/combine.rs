@@ -33,8 +33,8 @@ fn adapted(device: &Device) -> Net {
 
 /// `scale·A·B` of the adapter at `index`, on the host.
 fn delta(params: &BTreeMap<String, HostTensor>, index: usize, scale: f64) -> HostTensor {
-    let a = &params[&format!("proj.weight.lora.adapters.{index}.lora_a")];
-    let b = &params[&format!("proj.weight.lora.adapters.{index}.lora_b")];
+    let a = &params[&format!("proj.weight.burn_lora.adapters.{index}.lora_a")];
+    let b = &params[&format!("proj.weight.burn_lora.adapters.{index}.lora_b")];
     a.matmul(b).scale(scale)
 }
 
@@ -113,12 +113,12 @@ fn linear_follows_peft_and_needs_equal_ranks() {
         .add_weighted_adapter(&[("a", 1.0), ("b", 2.0)], "ab", Combination::Linear)
         .unwrap();
     let (ca, cb) = (2.0f64 * 1.0, 0.5f64 * 2.0);
-    let a = params["proj.weight.lora.adapters.0.lora_a"]
+    let a = params["proj.weight.burn_lora.adapters.0.lora_a"]
         .scale(ca.sqrt())
-        .add(&params["proj.weight.lora.adapters.1.lora_a"].scale(cb.sqrt()));
-    let b = params["proj.weight.lora.adapters.0.lora_b"]
+        .add(&params["proj.weight.burn_lora.adapters.1.lora_a"].scale(cb.sqrt()));
+    let b = params["proj.weight.burn_lora.adapters.0.lora_b"]
         .scale(ca.sqrt())
-        .add(&params["proj.weight.lora.adapters.1.lora_b"].scale(cb.sqrt()));
+        .add(&params["proj.weight.burn_lora.adapters.1.lora_b"].scale(cb.sqrt()));
     let error = delta(&values(&two), 3, 1.0).error_vs_max(&a.matmul(&b));
     assert!(error < 1e-5, "{error}");
     assert!(

@@ -85,10 +85,10 @@ fn sgd_steps_b_ratio_times_as_far_as_a() {
         let ids = param_ids(&model);
         let id = |path: &str| -> ParamId { ids[path] };
         let factors = [
-            ("query.weight.lora.adapters.0.lora_a", 0.1),
-            ("query.weight.lora.adapters.0.lora_b", 0.1 * ratio),
-            ("embed.weight.lora.adapters.0.lora_a", 1e-3),
-            ("embed.weight.lora.adapters.0.lora_b", 1e-3),
+            ("query.weight.burn_lora.adapters.0.lora_a", 0.1),
+            ("query.weight.burn_lora.adapters.0.lora_b", 0.1 * ratio),
+            ("embed.weight.burn_lora.adapters.0.lora_a", 1e-3),
+            ("embed.weight.burn_lora.adapters.0.lora_b", 1e-3),
         ];
         let read = |model: &Model, path: &str| -> Tensor<2> {
             let params = common::values(model);
@@ -135,13 +135,13 @@ fn b_follows_the_base_schedule_times_the_ratio() {
         let lr = scheduler.step();
         let expected = reference.step().base();
         let of = |path: &str| lr.lr_from_param(ids[path], Some(path));
-        assert_eq!(of("query.weight.lora.adapters.0.lora_a"), expected);
-        let b = of("query.weight.lora.adapters.0.lora_b");
+        assert_eq!(of("query.weight.burn_lora.adapters.0.lora_a"), expected);
+        let b = of("query.weight.burn_lora.adapters.0.lora_b");
         assert!(
             (b - expected * 16.0).abs() <= 1e-15,
             "{b} vs 16 × {expected}"
         );
-        assert_eq!(of("embed.weight.lora.adapters.0.lora_a"), 1e-6);
+        assert_eq!(of("embed.weight.burn_lora.adapters.0.lora_a"), 1e-6);
         assert_eq!(of("query.bias"), expected);
     }
 }
@@ -172,8 +172,8 @@ fn a_custom_schedule_drives_b_at_the_ratio() {
     let config = LoraPlusConfig::new().with_lr_ratio(8.0);
     let mut scheduler = config.scheduler_from(&model, Halving(1.0)).unwrap();
     let ids = param_ids(&model);
-    let a = "query.weight.lora.adapters.0.lora_a";
-    let b = "query.weight.lora.adapters.0.lora_b";
+    let a = "query.weight.burn_lora.adapters.0.lora_a";
+    let b = "query.weight.burn_lora.adapters.0.lora_b";
     let mut expected = 1.0;
     for _ in 0..4 {
         expected /= 2.0;

@@ -32,8 +32,8 @@ fn input(device: &Device) -> Tensor<3> {
 fn naive(model: &Projections, layer: &str, x: &Tensor<3>, scale: f64) -> HostTensor {
     let params = values(model);
     let weight = &params[&format!("{layer}.weight")];
-    let a = &params[&format!("{layer}.weight.lora.adapters.0.lora_a")];
-    let b = &params[&format!("{layer}.weight.lora.adapters.0.lora_b")];
+    let a = &params[&format!("{layer}.weight.burn_lora.adapters.0.lora_a")];
+    let b = &params[&format!("{layer}.weight.burn_lora.adapters.0.lora_b")];
     let bias = &params[&format!("{layer}.bias")];
     let x = HostTensor::from(x.clone().reshape([15, D_IN]));
     let effective = weight.add(&a.matmul(b).scale(scale));
@@ -223,8 +223,8 @@ fn init_follows_peft() {
     let config = LoraConfig::new(rank).with_targets(Targets::attention_qv());
     let (model, _) = config.apply(wide()).unwrap();
     let params = values(&model);
-    let a = &params["query.weight.lora.adapters.0.lora_a"];
-    let b = &params["query.weight.lora.adapters.0.lora_b"];
+    let a = &params["query.weight.burn_lora.adapters.0.lora_a"];
+    let b = &params["query.weight.burn_lora.adapters.0.lora_b"];
     assert_eq!(a.dims, vec![256, rank]);
     assert_eq!(b.dims, vec![rank, 64]);
     let bound = 1.0 / 256f64.sqrt();
@@ -234,7 +234,7 @@ fn init_follows_peft() {
     // Gaussian: A ~ N(0, (1/r)²).
     let config = config.with_init(LoraInit::Gaussian);
     let (model, _) = config.apply(wide()).unwrap();
-    let a = &values(&model)["query.weight.lora.adapters.0.lora_a"];
+    let a = &values(&model)["query.weight.burn_lora.adapters.0.lora_a"];
     let n = a.values.len() as f64;
     let std = (a.values.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
     let expected = 1.0 / rank as f64;

@@ -56,8 +56,8 @@ fn naive_layer(
         .matmul(&params[&format!("{layer}.weight")])
         .add_row(&params[&format!("{layer}.bias")]);
     for &(index, scale) in adapters {
-        let a = &params[&format!("{layer}.weight.lora.adapters.{index}.lora_a")];
-        let b = &params[&format!("{layer}.weight.lora.adapters.{index}.lora_b")];
+        let a = &params[&format!("{layer}.weight.burn_lora.adapters.{index}.lora_a")];
+        let b = &params[&format!("{layer}.weight.burn_lora.adapters.{index}.lora_b")];
         y = y.add(&x.matmul(a).matmul(b).scale(scale));
     }
     y

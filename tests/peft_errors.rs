@@ -436,7 +436,10 @@ fn mutated_files_never_panic_and_accepted_ones_are_valid() {
         assert!(!strict || report.is_clean(), "case {case}: {report}");
         let infos = model.lora_adapters();
         assert_eq!(infos.len(), report.loaded.len(), "case {case}");
-        for (path, tensor) in values(&model).iter().filter(|(p, _)| p.contains(".lora.")) {
+        for (path, tensor) in values(&model)
+            .iter()
+            .filter(|(p, _)| p.contains(".burn_lora."))
+        {
             assert!(
                 tensor.values.iter().all(|v| v.is_finite()),
                 "case {case}: {path}"

@@ -158,7 +158,7 @@ fn saved_adapters_load_back_bit_for_bit() {
         let factors = |m: &FixtureModel| {
             values(m)
                 .into_iter()
-                .filter(|(path, _)| path.contains(".lora."))
+                .filter(|(path, _)| path.contains(".burn_lora."))
                 .collect::<Vec<_>>()
         };
         assert_eq!(factors(&model), factors(&reloaded), "{case}");

@@ -186,7 +186,7 @@ fn gradients_equal_those_over_the_dequantized_base() {
             let grads = burn::optim::GradientsParams::from_grads(loss.backward(), model);
             common::param_ids(model)
                 .into_iter()
-                .filter(|(path, _)| path.contains(".lora."))
+                .filter(|(path, _)| path.contains(".burn_lora."))
                 .map(|(path, id)| {
                     let grad = grads.get::<2>(id).expect("each factor has a gradient");
                     (path, HostTensor::from(grad))

@@ -68,7 +68,7 @@ fn column_norms(weight: &HostTensor) -> HostTensor {
 /// The effective weight of the adapter on `layer` in f64: `W + s·A·B`, rescaled per output
 /// feature to the magnitude for DoRA.
 fn naive_weight(params: &BTreeMap<String, HostTensor>, layer: &str, scale: f64) -> HostTensor {
-    let adapter = format!("{layer}.weight.lora.adapters.0");
+    let adapter = format!("{layer}.weight.burn_lora.adapters.0");
     let weight = &params[&format!("{layer}.weight")];
     let a = &params[&format!("{adapter}.lora_a")];
     let b = &params[&format!("{adapter}.lora_b")];
@@ -101,7 +101,7 @@ fn dora_starts_at_the_base_with_the_weight_norms_as_magnitude() {
         );
         let params = values(&model);
         for layer in ["query", "value"] {
-            let magnitude = &params[&format!("{layer}.weight.lora.adapters.0.magnitude")];
+            let magnitude = &params[&format!("{layer}.weight.burn_lora.adapters.0.magnitude")];
             let expected = column_norms(&params[&format!("{layer}.weight")]);
             let error = magnitude.max_relative_error(&expected, 1e-6);
             assert!(
@@ -277,8 +277,11 @@ fn embedding_adapters_follow_peft_init_and_the_naive_formula() {
         assert_eq!(report.trainable_params(), 4 * (20 + 8));
         // PEFT's embedding init: A zero, B normal, so the output starts at the base's.
         let params = values(&model);
-        assert_eq!(params["embed.weight.lora.adapters.0.lora_a"].max_abs(), 0.0);
-        assert!(params["embed.weight.lora.adapters.0.lora_b"].max_abs() > 0.1);
+        assert_eq!(
+            params["embed.weight.burn_lora.adapters.0.lora_a"].max_abs(),
+            0.0
+        );
+        assert!(params["embed.weight.burn_lora.adapters.0.lora_b"].max_abs() > 0.1);
         assert_eq!(
             model.forward(ids(&device)).into_data(),
             before.clone().into_data()

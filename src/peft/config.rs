@@ -1,19 +1,39 @@
 //! `adapter_config.json`: PEFT's description of a LoRA adapter, read strictly and written in
 //! PEFT's own field names.
+//!
+//! Reading is two steps: serde derives parse the fields PEFT defines (each error names the
+//! field's path, such as `rank_pattern.v_proj`), keeping every unknown field as it was, then
+//! [`AdapterConfig::validate`] refuses values and features burn-lora cannot honour. The module
+//! selection a config describes (`target_modules`, `exclude_modules`, `layers_to_transform`,
+//! `rank_pattern`...) is matched by the crate's one matcher, the one [`Targets`] use.
 
-use regex::Regex;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::LoraError;
+use crate::config::matcher::{CompiledTarget, first_match};
+use crate::config::scaling;
+use crate::{LoraError, Target, Targets};
 
 /// PEFT's `target_modules`: a list of names (a module matches when its path equals a name or
 /// ends with `.name`) or one regex that must match the whole path.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
 pub enum TargetModules {
     /// Module names, matched as path suffixes.
     Names(Vec<String>),
     /// One regex, matched against the whole path (Python's `re.fullmatch`).
     Regex(String),
+}
+
+impl TargetModules {
+    /// The same selection as [`Target`]s: each name a [`Target::Name`], a regex a
+    /// [`Target::Regex`].
+    pub fn to_targets(&self) -> Vec<Target> {
+        match self {
+            TargetModules::Names(names) => names.iter().cloned().map(Target::Name).collect(),
+            TargetModules::Regex(pattern) => vec![Target::Regex(pattern.clone())],
+        }
+    }
 }
 
 /// The LoRA settings of a PEFT adapter, as `adapter_config.json` holds them.
@@ -53,25 +73,112 @@ pub struct AdapterConfig {
     pub extra: Map<String, Value>,
 }
 
-/// Fields this module reads itself; everything else goes to `extra`.
-const KNOWN: [&str; 16] = [
-    "peft_type",
-    "use_dora",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "use_rslora",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "base_model_name_or_path",
-    "task_type",
-    "bias",
-    "fan_in_fan_out",
-];
+/// The fields of `adapter_config.json` as serde reads them; `null` reads as absent.
+#[derive(Deserialize)]
+struct ConfigFile {
+    peft_type: Option<String>,
+    r: Option<Rank>,
+    lora_alpha: Option<f64>,
+    lora_dropout: Option<f64>,
+    use_rslora: Option<bool>,
+    use_dora: Option<bool>,
+    target_modules: Option<TargetModules>,
+    exclude_modules: Option<TargetModules>,
+    layers_to_transform: Option<OneOrMany<usize>>,
+    layers_pattern: Option<OneOrMany<String>>,
+    #[serde(default, deserialize_with = "ordered")]
+    rank_pattern: Vec<(String, Rank)>,
+    #[serde(default, deserialize_with = "ordered")]
+    alpha_pattern: Vec<(String, f64)>,
+    base_model_name_or_path: Option<String>,
+    task_type: Option<String>,
+    bias: Option<String>,
+    fan_in_fan_out: Option<bool>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// A rank: a positive integer.
+#[derive(Clone, Copy)]
+struct Rank(usize);
+
+impl<'de> Deserialize<'de> for Rank {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Rank;
+            fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+                f.write_str("a positive integer")
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Rank, E> {
+                match usize::try_from(value) {
+                    Ok(rank) if rank > 0 => Ok(Rank(rank)),
+                    _ => Err(E::invalid_value(
+                        serde::de::Unexpected::Unsigned(value),
+                        &self,
+                    )),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Rank, E> {
+                match u64::try_from(value) {
+                    Ok(value) => self.visit_u64(value),
+                    Err(_) => Err(E::invalid_value(
+                        serde::de::Unexpected::Signed(value),
+                        &self,
+                    )),
+                }
+            }
+        }
+        deserializer.deserialize_u64(Visitor)
+    }
+}
+
+/// PEFT's fields that take one value or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(value) => vec![value],
+            OneOrMany::Many(values) => values,
+        }
+    }
+}
+
+/// A JSON object read as `(key, value)` pairs in file order (PEFT's patterns are ordered: the
+/// first matching key wins).
+fn ordered<'de, D, T>(deserializer: D) -> Result<Vec<(String, T)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Visitor<T>(core::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+        type Value = Vec<(String, T)>;
+        fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::new();
+            while let Some((key, value)) = map.next_entry::<String, T>()? {
+                pairs.push((key, value));
+            }
+            Ok(pairs)
+        }
+    }
+    deserializer.deserialize_any(Visitor(core::marker::PhantomData))
+}
 
 impl AdapterConfig {
     /// A config with PEFT's defaults and rank `r`.
@@ -106,120 +213,109 @@ impl AdapterConfig {
             path: path.to_string(),
             message,
         };
-        let unsupported = |feature: String| LoraError::UnsupportedAdapter {
-            path: path.to_string(),
-            feature,
-        };
         let value: Value =
             serde_json::from_str(text).map_err(|error| invalid(format!("not JSON: {error}")))?;
-        let Value::Object(fields) = value else {
+        if !value.is_object() {
             return Err(invalid(format!(
                 "expected a JSON object, found {}",
                 kind(&value)
             )));
+        }
+        let file: ConfigFile = serde_path_to_error::deserialize(value)
+            .map_err(|error| invalid(format!("`{}`: {}", error.path(), error.inner())))?;
+        let unsupported = |feature: String| LoraError::UnsupportedAdapter {
+            path: path.to_string(),
+            feature,
         };
-        let field = Fields {
-            fields: &fields,
-            invalid: &invalid,
-        };
+        let config = Self::from_file(file, &invalid, &unsupported)?;
+        config.validate(path)?;
+        Ok(config)
+    }
 
-        match field.string("peft_type")? {
-            Some(peft_type) if peft_type == "LORA" => {}
+    /// The fields serde read, with PEFT's defaults for the absent ones. Refuses a `peft_type`
+    /// other than `LORA` and trained base biases, which no field of [`AdapterConfig`] holds.
+    fn from_file(
+        file: ConfigFile,
+        invalid: &dyn Fn(String) -> LoraError,
+        unsupported: &dyn Fn(String) -> LoraError,
+    ) -> Result<Self, LoraError> {
+        match file.peft_type.as_deref() {
+            Some("LORA") => {}
             Some(other) => return Err(unsupported(format!("peft_type \"{other}\" (only LORA)"))),
             None => return Err(invalid("missing field `peft_type`".into())),
         }
-        refuse_unsupported(&fields, &unsupported)?;
-
-        let r = field
-            .positive_integer("r")?
-            .ok_or_else(|| invalid("missing field `r`".into()))?;
-        let lora_alpha = field
-            .positive_number("lora_alpha")?
-            .ok_or_else(|| invalid("missing field `lora_alpha`".into()))?;
-        let lora_dropout = field.number("lora_dropout")?.unwrap_or(0.0);
-        if !(0.0..1.0).contains(&lora_dropout) {
-            return Err(invalid(format!(
-                "`lora_dropout` must be in [0, 1), found {lora_dropout}"
+        if let Some(bias) = file.bias.filter(|bias| bias != "none") {
+            return Err(unsupported(format!(
+                "bias = \"{bias}\" (trained base biases)"
             )));
         }
-        let mut rank_pattern = Vec::new();
-        for (key, value) in field.object("rank_pattern")? {
-            let rank = value.as_u64().filter(|&rank| rank > 0).ok_or_else(|| {
-                invalid(format!(
-                    "`rank_pattern[\"{key}\"]` must be a positive integer, found {value}"
-                ))
-            })?;
-            rank_pattern.push((key.clone(), rank as usize));
+        // Only its type is checked: an adapter file never depends on the base's layout.
+        let _ = file.fan_in_fan_out;
+        Ok(Self {
+            r: file.r.ok_or_else(|| invalid("missing field `r`".into()))?.0,
+            lora_alpha: file
+                .lora_alpha
+                .ok_or_else(|| invalid("missing field `lora_alpha`".into()))?,
+            lora_dropout: file.lora_dropout.unwrap_or(0.0),
+            use_rslora: file.use_rslora.unwrap_or(false),
+            use_dora: file.use_dora.unwrap_or(false),
+            target_modules: file.target_modules,
+            exclude_modules: file.exclude_modules,
+            layers_to_transform: file.layers_to_transform.map(OneOrMany::into_vec),
+            layers_pattern: file.layers_pattern.map(OneOrMany::into_vec),
+            rank_pattern: file
+                .rank_pattern
+                .into_iter()
+                .map(|(key, rank)| (key, rank.0))
+                .collect(),
+            alpha_pattern: file.alpha_pattern,
+            base_model_name_or_path: file.base_model_name_or_path,
+            task_type: file.task_type,
+            extra: file.extra,
+        })
+    }
+
+    /// Check the values, and refuse the features burn-lora cannot reproduce that
+    /// [`extra`](Self::extra) holds; `path` names the file in errors.
+    /// [`from_json`](Self::from_json) calls it.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::InvalidConfig`] for a value out of range, and
+    /// [`LoraError::UnsupportedAdapter`] for a refused feature.
+    pub fn validate(&self, path: &str) -> Result<(), LoraError> {
+        let invalid = |message: String| LoraError::InvalidConfig {
+            path: path.to_string(),
+            message,
+        };
+        let unsupported = |feature: String| LoraError::UnsupportedAdapter {
+            path: path.to_string(),
+            feature,
+        };
+        refuse_unsupported(&self.extra, &unsupported)?;
+        if self.r == 0 {
+            return Err(invalid("`r` must be a positive integer, found 0".into()));
         }
-        let mut alpha_pattern = Vec::new();
-        for (key, value) in field.object("alpha_pattern")? {
-            let alpha = value
-                .as_f64()
-                .filter(|alpha| alpha.is_finite() && *alpha > 0.0)
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "`alpha_pattern[\"{key}\"]` must be a positive number, found {value}"
-                    ))
-                })?;
-            alpha_pattern.push((key.clone(), alpha));
+        if !self.lora_alpha.is_finite() || self.lora_alpha <= 0.0 {
+            return Err(invalid(format!(
+                "`lora_alpha` must be a positive number, found {}",
+                self.lora_alpha
+            )));
         }
-        let layers_to_transform = match fields.get("layers_to_transform") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| {
-                invalid(format!(
-                    "`layers_to_transform` must be a layer index, found {n}"
-                ))
-            })? as usize]),
-            Some(Value::Array(items)) => Some(
-                items
-                    .iter()
-                    .map(|item| item.as_u64().map(|i| i as usize))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        invalid("`layers_to_transform` must hold layer indices".into())
-                    })?,
-            ),
-            Some(other) => {
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(invalid(format!(
+                "`lora_dropout` must be in [0, 1), found {}",
+                self.lora_dropout
+            )));
+        }
+        for (key, alpha) in &self.alpha_pattern {
+            if !alpha.is_finite() || *alpha <= 0.0 {
                 return Err(invalid(format!(
-                    "`layers_to_transform` must be an integer or a list, found {}",
-                    kind(other)
+                    "`alpha_pattern[\"{key}\"]` must be a positive number, found {alpha}"
                 )));
             }
-        };
-        let layers_pattern = field
-            .modules("layers_pattern")?
-            .map(|modules| match modules {
-                TargetModules::Names(names) => names,
-                TargetModules::Regex(name) => vec![name],
-            });
-        if field.string("bias")?.is_some_and(|bias| bias != "none") {
-            return Err(unsupported(format!(
-                "bias = {} (trained base biases)",
-                fields["bias"]
-            )));
         }
-        field.boolean("fan_in_fan_out")?;
-
-        Ok(Self {
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora: field.boolean("use_rslora")?.unwrap_or(false),
-            use_dora: field.boolean("use_dora")?.unwrap_or(false),
-            target_modules: field.modules("target_modules")?,
-            exclude_modules: field.modules("exclude_modules")?,
-            layers_to_transform,
-            layers_pattern,
-            rank_pattern,
-            alpha_pattern,
-            base_model_name_or_path: field.string("base_model_name_or_path")?,
-            task_type: field.string("task_type")?,
-            extra: fields
-                .iter()
-                .filter(|(key, _)| !KNOWN.contains(&key.as_str()))
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect(),
-        })
+        Ok(())
     }
 
     /// The config as PEFT writes it, pretty-printed.
@@ -286,7 +382,10 @@ impl AdapterConfig {
     /// The rank PEFT gives the module at `peft_path`: the first matching `rank_pattern`, else `r`.
     pub fn rank_for(&self, peft_path: &str) -> (usize, Option<&str>) {
         match pattern_match(&self.rank_pattern, peft_path) {
-            Some((key, rank)) => (*rank, Some(key.as_str())),
+            Some(index) => (
+                self.rank_pattern[index].1,
+                Some(&self.rank_pattern[index].0),
+            ),
             None => (self.r, None),
         }
     }
@@ -295,42 +394,47 @@ impl AdapterConfig {
     /// else `lora_alpha`.
     pub fn alpha_for(&self, peft_path: &str) -> f64 {
         pattern_match(&self.alpha_pattern, peft_path)
-            .map(|(_, alpha)| *alpha)
-            .unwrap_or(self.lora_alpha)
+            .map_or(self.lora_alpha, |index| self.alpha_pattern[index].1)
     }
 
     /// The scale of an adapter of `rank` and `alpha` under this config.
     pub fn scale(&self, rank: usize, alpha: f64) -> f64 {
-        match self.use_rslora {
-            true => alpha / (rank as f64).sqrt(),
-            false => alpha / rank as f64,
-        }
+        scaling::scale(rank, alpha, self.use_rslora)
+    }
+
+    /// The modules the config selects, as [`Targets`]: `target_modules`, `exclude_modules`,
+    /// `layers_to_transform` and `layers_pattern`. `None` without `target_modules`.
+    pub fn targets(&self) -> Option<Targets> {
+        let include = self.target_modules.as_ref()?.to_targets();
+        let exclude = self
+            .exclude_modules
+            .as_ref()
+            .map(TargetModules::to_targets)
+            .unwrap_or_default();
+        Some(
+            Targets::new(include)
+                .with_exclude(exclude)
+                .with_layers_to_transform(self.layers_to_transform.clone())
+                .with_layers_pattern(self.layers_pattern.clone()),
+        )
+    }
+
+    /// Whether the config selects the module at `peft_path` (its PEFT name); `None` when it
+    /// has no `target_modules` or holds a regex the regex engine cannot compile.
+    pub fn selects(&self, peft_path: &str) -> Option<bool> {
+        let compiled = self.targets()?.compile().ok()?;
+        Some(compiled.included_by_module(peft_path, "").is_some())
     }
 }
 
-/// PEFT's pattern lookup (`get_pattern_key`): a key matches a module path that equals it or
-/// ends with `.key`, the key read as a regex. The first key in file order wins.
-fn pattern_match<'a, T>(patterns: &'a [(String, T)], path: &str) -> Option<&'a (String, T)> {
-    patterns.iter().find(|(key, _)| {
-        key == path
-            || Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-                .map(|regex| regex.is_match(path))
-                .unwrap_or(false)
-    })
-}
-
-/// Whether PEFT's `target_modules` (and `exclude_modules`) select the module at `peft_path`.
-pub(crate) fn modules_match(modules: &TargetModules, peft_path: &str) -> Option<bool> {
-    match modules {
-        TargetModules::Names(names) => Some(
-            names
-                .iter()
-                .any(|name| peft_path == name || peft_path.ends_with(&format!(".{name}"))),
-        ),
-        TargetModules::Regex(pattern) => Regex::new(&format!("^(?:{pattern})$"))
-            .ok()
-            .map(|regex| regex.is_match(peft_path)),
-    }
+/// The index of the first PEFT pattern key (`get_pattern_key`) that matches `path`.
+fn pattern_match<T>(patterns: &[(String, T)], path: &str) -> Option<usize> {
+    let keys: Vec<(CompiledTarget, usize)> = patterns
+        .iter()
+        .enumerate()
+        .map(|(index, (key, _))| (CompiledTarget::pattern_key(key), index))
+        .collect();
+    first_match(&keys, path, "").map(|(_, index)| index)
 }
 
 /// Refuse the PEFT features whose adapters burn-lora cannot reproduce, before anything loads.
@@ -382,92 +486,6 @@ fn refuse_unsupported(
         }
     }
     Ok(())
-}
-
-/// Typed access to the config's fields, each error naming the field and what was found.
-struct Fields<'a> {
-    fields: &'a Map<String, Value>,
-    invalid: &'a dyn Fn(String) -> LoraError,
-}
-
-impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.fields.get(key).filter(|value| !value.is_null())
-    }
-
-    fn wrong(&self, key: &str, expected: &str, found: &Value) -> LoraError {
-        (self.invalid)(format!(
-            "`{key}` must be {expected}, found {} {found}",
-            kind(found)
-        ))
-    }
-
-    fn string(&self, key: &str) -> Result<Option<String>, LoraError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(text)) => Ok(Some(text.clone())),
-            Some(other) => Err(self.wrong(key, "a string", other)),
-        }
-    }
-
-    fn boolean(&self, key: &str) -> Result<Option<bool>, LoraError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(flag)) => Ok(Some(*flag)),
-            Some(other) => Err(self.wrong(key, "true or false", other)),
-        }
-    }
-
-    fn number(&self, key: &str) -> Result<Option<f64>, LoraError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(value) => match value.as_f64().filter(|n| n.is_finite()) {
-                Some(number) => Ok(Some(number)),
-                None => Err(self.wrong(key, "a number", value)),
-            },
-        }
-    }
-
-    fn positive_number(&self, key: &str) -> Result<Option<f64>, LoraError> {
-        match self.number(key)? {
-            Some(number) if number <= 0.0 => {
-                Err(self.wrong(key, "a positive number", &self.fields[key]))
-            }
-            other => Ok(other),
-        }
-    }
-
-    fn positive_integer(&self, key: &str) -> Result<Option<usize>, LoraError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(value) => match value.as_u64().filter(|&n| n > 0) {
-                Some(number) => Ok(Some(number as usize)),
-                None => Err(self.wrong(key, "a positive integer", value)),
-            },
-        }
-    }
-
-    fn object(&self, key: &str) -> Result<Vec<(&String, &Value)>, LoraError> {
-        match self.get(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Object(items)) => Ok(items.iter().collect()),
-            Some(other) => Err(self.wrong(key, "an object", other)),
-        }
-    }
-
-    fn modules(&self, key: &str) -> Result<Option<TargetModules>, LoraError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(regex)) => Ok(Some(TargetModules::Regex(regex.clone()))),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|item| item.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .map(|names| Some(TargetModules::Names(names)))
-                .ok_or_else(|| self.wrong(key, "a list of strings", &self.fields[key])),
-            Some(other) => Err(self.wrong(key, "a string or a list of strings", other)),
-        }
-    }
 }
 
 /// What kind of JSON value this is, for messages.
@@ -527,7 +545,7 @@ mod tests {
             AdapterConfig::from_json(r#"{"peft_type": "LORA", "r": "8", "lora_alpha": 16}"#, "c")
                 .unwrap_err();
         assert!(
-            error.to_string().contains("`r` must be a positive integer"),
+            error.to_string().contains("`r`") && error.to_string().contains("a positive integer"),
             "{error}"
         );
         let error = AdapterConfig::from_json(r#"{"peft_type": "LORA", "r": 8}"#, "c").unwrap_err();
@@ -553,5 +571,58 @@ mod tests {
         }
         let error = AdapterConfig::from_json(r#"{"peft_type": "IA3", "r": 8}"#, "c").unwrap_err();
         assert!(matches!(error, LoraError::UnsupportedAdapter { .. }));
+    }
+
+    #[test]
+    fn polymorphic_fields_take_each_form() {
+        let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16"#;
+        let parse = |extra: &str| AdapterConfig::from_json(&format!("{{{base}, {extra}}}"), "c");
+        let config = parse(r#""target_modules": "q_proj|v_proj", "layers_to_transform": 3, "layers_pattern": "layers""#).unwrap();
+        assert_eq!(
+            config.target_modules,
+            Some(TargetModules::Regex("q_proj|v_proj".into()))
+        );
+        assert_eq!(config.layers_to_transform, Some(vec![3]));
+        assert_eq!(config.layers_pattern, Some(vec!["layers".into()]));
+        let config = parse(r#""target_modules": ["q_proj"], "layers_to_transform": [0, 2], "layers_pattern": ["h", "layers"]"#).unwrap();
+        assert_eq!(
+            config.target_modules,
+            Some(TargetModules::Names(vec!["q_proj".into()]))
+        );
+        assert_eq!(config.layers_to_transform, Some(vec![0, 2]));
+        // Unknown fields are kept, in file order.
+        let config = parse(r#""zeta": 1, "alpha": [2]"#).unwrap();
+        let keys: Vec<&String> = config.extra.keys().collect();
+        assert_eq!(keys, ["zeta", "alpha"]);
+        // A nested error names its whole path.
+        let error = parse(r#""alpha_pattern": {"v_proj": "big"}"#).unwrap_err();
+        assert!(
+            error.to_string().contains("alpha_pattern.v_proj"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_config_selects_modules_with_the_crate_matcher() {
+        let mut config = AdapterConfig::new(4, 8.0);
+        config.target_modules = Some(TargetModules::Names(vec!["q_proj".into()]));
+        config.exclude_modules = Some(TargetModules::Regex(r"layers\.1\..*".into()));
+        config.layers_to_transform = Some(vec![0, 1]);
+        config.layers_pattern = Some(vec!["layers".into()]);
+        assert_eq!(
+            config.selects("model.layers.0.self_attn.q_proj"),
+            Some(true)
+        );
+        assert_eq!(config.selects("layers.1.self_attn.q_proj"), Some(false));
+        assert_eq!(
+            config.selects("model.layers.2.self_attn.q_proj"),
+            Some(false)
+        );
+        assert_eq!(
+            config.selects("model.layers.0.self_attn.v_proj"),
+            Some(false)
+        );
+        config.target_modules = Some(TargetModules::Regex("(".into()));
+        assert_eq!(config.selects("q_proj"), None);
     }
 }

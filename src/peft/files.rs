@@ -4,10 +4,17 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use half::{bf16, f16};
+use burn::tensor::{DType, TensorData};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::LoraError;
+
+// Safetensors stores little-endian values, and Burn's `TensorData` holds native-endian bytes:
+// the two agree on every platform burn-lora builds for.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "adapter files are read and written on little-endian targets only"
+);
 
 /// One tensor of a safetensors file, decoded to f32 on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,35 +40,38 @@ pub(crate) fn read_tensors(bytes: &[u8], path: &str) -> Result<Vec<HostTensor>, 
             key: key.to_string(),
             dtype: format!("{:?}", view.dtype()),
             shape: view.shape().to_vec(),
-            values: decode(view.dtype(), view.data()),
+            values: decode(view.dtype(), view.shape(), view.data()),
         })
         .collect();
     decoded.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(decoded)
 }
 
-/// Little-endian floats to f32; `None` for any other dtype.
-fn decode(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
-    let values = match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("chunks of 8")) as f32)
-            .collect(),
+/// Little-endian floats to f32, through Burn's own conversions; `None` for any other dtype.
+fn decode(dtype: Dtype, shape: &[usize], data: &[u8]) -> Option<Vec<f32>> {
+    let dtype = match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F64 => DType::F64,
         _ => return None,
     };
-    Some(values)
+    TensorData::try_from_bytes_vec(data.to_vec(), shape.to_vec(), dtype)
+        .and_then(|data| data.try_into_vec_as::<f32>())
+        .ok()
+}
+
+/// The safetensors dtype of a float tensor's data, and its bytes; data of another dtype is
+/// written as f32.
+pub(crate) fn encode(data: TensorData) -> (Dtype, Vec<u8>) {
+    let (dtype, data) = match data.dtype() {
+        DType::F64 => (Dtype::F64, data),
+        DType::F16 => (Dtype::F16, data),
+        DType::BF16 => (Dtype::BF16, data),
+        DType::F32 => (Dtype::F32, data),
+        _ => (Dtype::F32, data.convert_dtype(DType::F32)),
+    };
+    (dtype, data.into_bytes().to_vec())
 }
 
 /// A tensor to write: its key, safetensors dtype, shape and little-endian bytes.

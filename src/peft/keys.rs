@@ -4,6 +4,8 @@
 use regex::Regex;
 
 use crate::LoraError;
+use crate::adapter::LayerKind;
+use crate::adapter::layout::factor_dims;
 
 /// The prefix PEFT puts before every module path in an adapter file.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -173,8 +175,8 @@ pub(crate) enum Factor {
 }
 
 /// The key segment PEFT uses for `factor` on a layer of `kind`.
-pub(crate) fn factor_segment(factor: Factor, kind: crate::LayerKind) -> &'static str {
-    use crate::LayerKind::Embedding;
+pub(crate) fn factor_segment(factor: Factor, kind: LayerKind) -> &'static str {
+    use LayerKind::Embedding;
     match (factor, kind) {
         (Factor::A, Embedding) => "lora_embedding_A",
         (Factor::B, Embedding) => "lora_embedding_B",
@@ -188,10 +190,10 @@ pub(crate) fn factor_segment(factor: Factor, kind: crate::LayerKind) -> &'static
 /// of shape `dims` and `kind`: PyTorch's layouts, `A: [r, d_in]` (`[r, c_in, k1, k2]` for a
 /// convolution), `B: [d_out, r]` (`[c_out, r, 1, 1]`), the magnitude `[d_out]`
 /// (`[1, c_out, 1, 1]`).
-pub(crate) fn peft_shapes(kind: crate::LayerKind, dims: &[usize], rank: usize) -> [Vec<usize>; 3] {
-    let (d_in, d_out) = crate::layer::factor_dims(dims);
+pub(crate) fn peft_shapes(kind: LayerKind, dims: &[usize], rank: usize) -> [Vec<usize>; 3] {
+    let (d_in, d_out) = factor_dims(dims);
     match kind {
-        crate::LayerKind::Conv2d => {
+        LayerKind::Conv2d => {
             let mut a_shape = vec![rank];
             a_shape.extend_from_slice(&dims[1..]);
             [a_shape, vec![d_out, rank, 1, 1], vec![1, d_out, 1, 1]]
@@ -201,11 +203,11 @@ pub(crate) fn peft_shapes(kind: crate::LayerKind, dims: &[usize], rank: usize) -
 }
 
 /// The full key PEFT writes for `factor` of the module at `peft_path`.
-pub(crate) fn factor_key(peft_path: &str, factor: Factor, kind: crate::LayerKind) -> String {
+pub(crate) fn factor_key(peft_path: &str, factor: Factor, kind: LayerKind) -> String {
     let segment = factor_segment(factor, kind);
     match (factor, kind) {
         // Embedding factors and the magnitude are parameters, not layers: no `.weight`.
-        (Factor::Magnitude, _) | (_, crate::LayerKind::Embedding) => {
+        (Factor::Magnitude, _) | (_, LayerKind::Embedding) => {
             format!("{PEFT_PREFIX}{peft_path}.{segment}")
         }
         _ => format!("{PEFT_PREFIX}{peft_path}.{segment}.weight"),

@@ -3,20 +3,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use burn::module::{Module, Param};
-use burn::nn::DropoutConfig;
+use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 
-use super::config::{AdapterConfig, TargetModules, modules_match};
+use super::config::{AdapterConfig, TargetModules};
 use super::files::{HostTensor, read_file, read_tensors};
 use super::keys::{Factor, Key, KeyMap, factor_key, factor_segment, parse_key, peft_shapes};
-use super::report::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
-use crate::apply::factor_dtype;
-use crate::rebuild::Snapshot;
-use crate::survey::weight_path_of;
-use crate::targets::layer_index;
-use crate::{LayerKind, LoraAdapter, LoraError, LoraState};
+use crate::adapter::layout::float_dtype;
+use crate::error::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
+use crate::model::attach::attach_adapters;
+use crate::model::snapshot::Snapshot;
+use crate::model::survey::weight_path_of;
+use crate::{Adapter, LayerKind, LoraError};
 
 /// How [`load_adapter_with`](crate::peft::load_adapter_with) reads an adapter.
 #[derive(Debug, Clone)]
@@ -155,11 +154,7 @@ impl PeftAdapter {
         options: &LoadOptions,
     ) -> Result<(M, LoadReport), LoraError> {
         let snapshot = Snapshot::take(model)?;
-        if snapshot.adapter_names().iter().any(|known| known == name) {
-            return Err(LoraError::AdapterExists {
-                name: name.to_string(),
-            });
-        }
+        snapshot.require_new_name(name)?;
         let mut report = LoadReport {
             adapter: name.to_string(),
             ..Default::default()
@@ -185,13 +180,12 @@ impl PeftAdapter {
             });
         }
 
-        let first = !snapshot.is_adapted();
         let paths: Vec<String> = accepted.iter().map(|m| weight_path_of(&m.path)).collect();
         let bases = snapshot.bases(&paths);
-        let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
+        let mut adapters = Vec::with_capacity(accepted.len());
         for (module, path) in accepted.into_iter().zip(paths) {
             let base = &bases[&path];
-            let (device, dtype) = (base.device(), factor_dtype(base.dtype()));
+            let (device, dtype) = (base.device(), float_dtype(base.dtype()));
             // PyTorch stores A as [r, d_in] and B as [d_out, r] (a convolution's with kernel
             // axes, which flatten into d_in and drop out of B); Burn wants the transposes.
             let values = |tensor: &HostTensor, shape: Vec<usize>| {
@@ -204,34 +198,23 @@ impl PeftAdapter {
                     .transpose()
                     .cast(dtype)
             };
-            let magnitude = module.magnitude.map(|magnitude| {
+            let mut adapter = Adapter::new(
+                name,
+                factor(module.a, rank, module.d_in),
+                factor(module.b, module.d_out, rank),
+                module.loaded.scale,
+                module.loaded.alpha,
+                self.config.use_rslora,
+                self.config.lora_dropout,
+            );
+            if let Some(magnitude) = module.magnitude {
                 let data = values(magnitude, vec![module.d_out]);
-                Param::from_tensor(Tensor::<1>::from_data(data, &device).cast(dtype))
-            });
-            let adapter = LoraAdapter {
-                lora_a: Param::from_tensor(factor(module.a, rank, module.d_in)),
-                lora_b: Param::from_tensor(factor(module.b, module.d_out, rank)),
-                magnitude,
-                scale: module.loaded.scale,
-                alpha: module.loaded.alpha,
-                use_rslora: self.config.use_rslora,
-                dropout: DropoutConfig::new(self.config.lora_dropout).init(),
-                name: name.to_string(),
-                active: first,
-                trainable: options.trainable,
-                merged: false,
-                merged_norm: None,
-                residual_init: None,
+                adapter = adapter.with_magnitude(Tensor::<1>::from_data(data, &device).cast(dtype));
             }
-            .with_trainable(options.trainable);
             report.loaded.push(module.loaded);
-            states
-                .entry(path)
-                .or_insert_with(|| LoraState::new(Vec::new()))
-                .adapters
-                .push(adapter);
+            adapters.push((path, adapter.with_trainable(options.trainable)));
         }
-        Ok((snapshot.rebuild(states, HashMap::new(), first), report))
+        Ok((attach_adapters(snapshot, adapters, HashMap::new()), report))
     }
 
     /// Group the adapter tensors by module; report the keys that are no adapter tensor.
@@ -457,25 +440,14 @@ impl PeftAdapter {
                 continue;
             };
             let peft = key_map.to_peft(site.module_path());
-            let Some(selected) = modules_match(targets, &peft) else {
+            let Some(selected) = self.config.selects(&peft) else {
                 report.notes.push(format!(
                     "target_modules is a regex the Rust regex engine cannot compile; coverage \
                      not checked: {targets:?}"
                 ));
                 return;
             };
-            let excluded = self
-                .config
-                .exclude_modules
-                .as_ref()
-                .and_then(|exclude| modules_match(exclude, &peft))
-                .unwrap_or(false);
-            let in_layers = match &self.config.layers_to_transform {
-                None => true,
-                Some(layers) => layer_index(&peft, self.config.layers_pattern.as_deref())
-                    .is_some_and(|index| layers.contains(&index)),
-            };
-            if selected && !excluded && in_layers && !files_modules.contains(&peft) {
+            if selected && !files_modules.contains(&peft) {
                 report.missing.push(format!(
                     "{} and {} (target_modules selects `{}`)",
                     factor_key(&peft, Factor::A, kind),

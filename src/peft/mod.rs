@@ -42,17 +42,16 @@ mod config;
 mod files;
 mod keys;
 mod load;
-mod report;
 mod save;
 
 use std::path::Path;
 
 use burn::module::Module;
 
+pub use crate::error::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 pub use config::{AdapterConfig, TargetModules};
 pub use keys::{KeyMap, PEFT_PREFIX};
 pub use load::{LoadOptions, PeftAdapter};
-pub use report::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 pub use save::{SaveOptions, SavedAdapter};
 
 use crate::LoraError;

@@ -5,16 +5,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::tensor::{DType, FloatDType, Tensor, bf16, f16};
-use safetensors::Dtype;
+use burn::tensor::Tensor;
 
-use super::config::{AdapterConfig, TargetModules, modules_match};
-use super::files::{OutTensor, io_error, write_atomically, write_tensors};
+use super::config::{AdapterConfig, TargetModules};
+use super::files::{OutTensor, encode, io_error, write_atomically, write_tensors};
 use super::keys::{Factor, KeyMap, factor_key, peft_shapes};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
-use crate::rebuild::Snapshot;
-use crate::survey::module_path_of;
-use crate::{LoraAdapter, LoraError};
+use crate::config::scaling::alpha_for_scale;
+use crate::model::snapshot::Snapshot;
+use crate::model::survey::module_path_of;
+use crate::{Adapter, LoraError};
 
 /// How [`save_adapter_with`](crate::peft::save_adapter_with) writes an adapter.
 #[derive(Debug, Clone, Default)]
@@ -165,10 +165,7 @@ pub(crate) fn save<M: Module>(
 /// base (PiSSA, OLoRA) moved `s·A₀·B₀` out of the stored base, so against the original base its
 /// update is `s·(A·B - A₀·B₀)`: PEFT's conversion writes that as rank `2r` factors `[A | A₀]`
 /// and `[B ; -B₀]` at the same scale, a plain LoRA that works on an unmodified base.
-fn plain_delta_factors(
-    adapter: &LoraAdapter,
-    path: &str,
-) -> Result<(Tensor<2>, Tensor<2>), LoraError> {
+fn plain_delta_factors(adapter: &Adapter, path: &str) -> Result<(Tensor<2>, Tensor<2>), LoraError> {
     let (lora_a, lora_b) = (adapter.lora_a.val(), adapter.lora_b.val());
     let Some(initial) = &adapter.residual_init else {
         return Ok((lora_a, lora_b));
@@ -192,11 +189,10 @@ fn plain_delta_factors(
 
 /// The config entry of `adapter`, written at `rank` (twice its own for a converted PiSSA or
 /// OLoRA adapter, with the alpha that keeps its scale).
-fn entry(peft_path: String, adapter: &LoraAdapter, rank: usize) -> Entry {
-    let alpha = match (rank == adapter.rank(), adapter.use_rslora) {
-        (true, _) => adapter.alpha,
-        (false, true) => adapter.scale * (rank as f64).sqrt(),
-        (false, false) => adapter.scale * rank as f64,
+fn entry(peft_path: String, adapter: &Adapter, rank: usize) -> Entry {
+    let alpha = match rank == adapter.rank() {
+        true => adapter.alpha,
+        false => alpha_for_scale(adapter.scale, rank, adapter.use_rslora),
     };
     Entry {
         peft_path,
@@ -215,34 +211,13 @@ fn out_tensor(key: String, tensor: Tensor<2>, shape: Vec<usize>) -> Option<OutTe
     if !tensor.clone().is_finite().all().into_scalar::<bool>() {
         return None;
     }
-    let (dtype, bytes): (Dtype, Vec<u8>) = match tensor.dtype() {
-        DType::F64 => (Dtype::F64, le_bytes(tensor, f64::to_le_bytes)),
-        DType::F16 => (Dtype::F16, le_bytes(tensor, f16::to_le_bytes)),
-        DType::BF16 => (Dtype::BF16, le_bytes(tensor, bf16::to_le_bytes)),
-        _ => (
-            Dtype::F32,
-            le_bytes(tensor.cast(FloatDType::F32), f32::to_le_bytes),
-        ),
-    };
+    let (dtype, bytes) = encode(tensor.into_data());
     Some(OutTensor {
         key,
         dtype,
         shape,
         bytes,
     })
-}
-
-fn le_bytes<E: burn::tensor::Element, const N: usize>(
-    tensor: Tensor<2>,
-    to_bytes: fn(E) -> [u8; N],
-) -> Vec<u8> {
-    tensor
-        .into_data()
-        .try_into_vec::<E>()
-        .expect("the tensor's own dtype")
-        .into_iter()
-        .flat_map(to_bytes)
-        .collect()
 }
 
 /// The config that makes PEFT rebuild exactly these adapters: the most common rank and alpha
@@ -257,10 +232,9 @@ fn adapter_config<M: Module>(
     // The alpha that gives each module its scale under the file's one rsLoRA setting.
     let alphas: Vec<f64> = entries
         .iter()
-        .map(|e| match (e.use_rslora == use_rslora, use_rslora) {
-            (true, _) => e.alpha,
-            (false, true) => e.scale * (e.rank as f64).sqrt(),
-            (false, false) => e.scale * e.rank as f64,
+        .map(|e| match e.use_rslora == use_rslora {
+            true => e.alpha,
+            false => alpha_for_scale(e.scale, e.rank, use_rslora),
         })
         .collect();
     let r = most_common(entries.iter().map(|e| e.rank as f64)) as usize;
@@ -337,17 +311,18 @@ fn target_modules<M: Module>(
         }
     }
     let saved: HashSet<&str> = entries.iter().map(|e| e.peft_path.as_str()).collect();
-    let by_names = TargetModules::Names(names);
+    let mut by_names = AdapterConfig::new(1, 1.0);
+    by_names.target_modules = Some(TargetModules::Names(names));
     let exact = snapshot
         .survey
         .params
         .iter()
         .filter(|site| site.kind().is_some())
         .map(|site| key_map.to_peft(site.module_path()))
-        .all(|peft| modules_match(&by_names, &peft) == Some(saved.contains(peft.as_str())));
-    match exact {
-        true => by_names,
-        false => {
+        .all(|peft| by_names.selects(&peft) == Some(saved.contains(peft.as_str())));
+    match (exact, by_names.target_modules) {
+        (true, Some(by_names)) => by_names,
+        _ => {
             let mut paths: Vec<String> = entries
                 .iter()
                 .map(|e| regex::escape(&e.peft_path))

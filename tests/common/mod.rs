@@ -116,7 +116,7 @@ pub fn raw_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
 pub fn base_data<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
     raw_data(model)
         .into_iter()
-        .filter(|(path, _)| !path.contains(".lora."))
+        .filter(|(path, _)| !path.contains(".burn_lora."))
         .collect()
 }
 

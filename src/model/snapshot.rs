@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use burn::module::{Module, ModuleVisitor, Param, Reparameterizer};
 use burn::tensor::Tensor;
 
-use crate::adapter::detaching::detach_states;
-use crate::layer::{from_factor_layout, to_factor_layout};
-use crate::survey::Survey;
-use crate::{LoraAdapter, LoraError, LoraState};
+use super::survey::{PathStack, Survey, module_path_of};
+use crate::LoraError;
+use crate::adapter::capture::capturing;
+use crate::adapter::layout::{from_factor_layout, to_factor_layout};
+use crate::adapter::{Adapter, LoraState};
 
 /// A model taken apart: the plain model, and its LoRA states keyed by weight path.
 pub(crate) struct Snapshot<M> {
@@ -42,7 +43,9 @@ impl<M: Module> Snapshot<M> {
                 kind: kind.clone(),
             });
         }
-        let (plain, states) = detach_states(model.clone());
+        // `materialize` folds every reparameterization into its weight; with the capture on, ours
+        // record themselves and return the base unchanged instead.
+        let (plain, states) = capturing::<LoraState, _>(|| model.clone().materialize());
         let states = states
             .into_iter()
             .map(|state| {
@@ -83,7 +86,7 @@ impl<M: Module> Snapshot<M> {
     }
 
     /// The distinct names of the adapters for which `pick` holds, in order of first appearance.
-    fn names_where(&self, pick: impl Fn(&LoraAdapter) -> bool) -> Vec<String> {
+    fn names_where(&self, pick: impl Fn(&Adapter) -> bool) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
             if pick(adapter) && !names.contains(&adapter.name) {
@@ -105,6 +108,16 @@ impl<M: Module> Snapshot<M> {
         }
     }
 
+    /// [`LoraError::AdapterExists`] when some weight already has an adapter called `name`.
+    pub fn require_new_name(&self, name: &str) -> Result<(), LoraError> {
+        match self.adapter_names().iter().any(|known| known == name) {
+            true => Err(LoraError::AdapterExists {
+                name: name.to_string(),
+            }),
+            false => Ok(()),
+        }
+    }
+
     /// [`LoraError::AdaptersMerged`] when any adapter is folded into its weight.
     pub fn require_unmerged(&self, operation: &'static str) -> Result<(), LoraError> {
         let merged = self.merged_names();
@@ -118,14 +131,14 @@ impl<M: Module> Snapshot<M> {
     /// selects.
     pub fn refuse_dora(
         &self,
-        pick: impl Fn(&LoraAdapter) -> bool,
+        pick: impl Fn(&Adapter) -> bool,
         what: &str,
     ) -> Result<(), LoraError> {
         for (path, state) in &self.states {
             if let Some(adapter) = state.adapters.iter().find(|a| a.is_dora() && pick(a)) {
                 return Err(LoraError::UnsupportedVariant {
                     what: what.to_string(),
-                    path: crate::survey::module_path_of(path).to_string(),
+                    path: module_path_of(path).to_string(),
                     adapter: adapter.name.clone(),
                 });
             }
@@ -168,18 +181,18 @@ impl<M: Module> Snapshot<M> {
 fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Tensor<2>> {
     struct Collector<'a> {
         paths: &'a [&'a String],
-        stack: Vec<String>,
+        stack: PathStack,
         bases: HashMap<String, Tensor<2>>,
     }
     impl ModuleVisitor for Collector<'_> {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.stack.push(name.to_string());
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.enter(name, container_type);
         }
         fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.stack.pop();
+            self.stack.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let path = self.stack.join(".");
+            let path = self.stack.path();
             if matches!(D, 2 | 4) && self.paths.contains(&&path) {
                 self.bases.insert(path, to_factor_layout(param.val()));
             }
@@ -187,7 +200,7 @@ fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Ten
     }
     let mut collector = Collector {
         paths,
-        stack: Vec::new(),
+        stack: PathStack::default(),
         bases: HashMap::new(),
     };
     model.visit(&mut collector);

@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use crate::LayerKind;
+use crate::adapter::LayerKind;
 
 /// One layer (linear, embedding or convolution) that gets (or got) an adapter.
 #[derive(Debug, Clone, PartialEq)]

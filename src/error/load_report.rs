@@ -1,4 +1,6 @@
-//! [`LoadReport`]: what loading an adapter file found, problem by problem.
+//! [`LoadReport`]: what loading an adapter file found, problem by problem. A strict load that
+//! fails carries it in [`LoraError::AdapterMismatch`](crate::LoraError::AdapterMismatch), so it
+//! sits beside the error type.
 
 use core::fmt;
 

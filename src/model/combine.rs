@@ -5,11 +5,12 @@
 //! `V = [B₁; …; Bₖ]` gives `ΔW = U·V`, of rank at most `R = Σ rᵢ`: every combination works on
 //! these thin factors and never forms a `[d_in, d_out]` matrix.
 
-use burn::module::Param;
+use faer::Mat;
 
-use crate::apply::factor_dtype;
-use crate::linalg::Matrix;
-use crate::{LoraAdapter, LoraError, LoraState};
+use crate::LoraError;
+use crate::adapter::layout::{float_dtype, to_f32};
+use crate::adapter::linalg;
+use crate::adapter::{Adapter, LoraState};
 
 /// How [`add_weighted_adapter`](crate::LoraModule::add_weighted_adapter) combines adapters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,8 +68,8 @@ pub(crate) fn combine(
     sources: &[(&str, f64)],
     name: &str,
     combination: Combination,
-) -> Result<Option<(LoraAdapter, CombinedLayer)>, LoraError> {
-    let present: Vec<(&LoraAdapter, f64)> = sources
+) -> Result<Option<(Adapter, CombinedLayer)>, LoraError> {
+    let present: Vec<(&Adapter, f64)> = sources
         .iter()
         .filter_map(|(source, weight)| {
             state
@@ -79,17 +80,17 @@ pub(crate) fn combine(
     let Some(&(first, _)) = present.first() else {
         return Ok(None);
     };
-    let factors: Vec<(Matrix, Matrix, f64)> = present
+    let factors: Vec<(Mat<f64>, Mat<f64>, f64)> = present
         .iter()
         .map(|(adapter, coefficient)| {
             (
-                Matrix::from_tensor(adapter.lora_a.val()),
-                Matrix::from_tensor(adapter.lora_b.val()),
+                linalg::from_tensor(to_f32(adapter.lora_a.val())),
+                linalg::from_tensor(to_f32(adapter.lora_b.val())),
                 *coefficient,
             )
         })
         .collect();
-    let (exact_a, exact_b) = exact_factors(&factors);
+    let (exact_a, exact_b) = linalg::exact_factors(&factors);
 
     let (lora_a, lora_b) = match combination {
         Combination::Linear => {
@@ -103,44 +104,45 @@ pub(crate) fn combine(
                     ranks,
                 });
             }
-            linear_factors(&factors)
+            linalg::linear_factors(&factors)
         }
         Combination::Cat => (exact_a.clone(), exact_b.clone()),
         Combination::Svd { rank } => {
+            let (d_in, d_out) = (exact_a.nrows(), exact_b.ncols());
             if rank == 0 {
                 return Err(LoraError::ZeroRank);
             }
-            truncated_factors(&exact_a, &exact_b, rank)
+            if rank > d_in.min(d_out) {
+                return Err(LoraError::RankTooLarge {
+                    path: path.to_string(),
+                    rank,
+                    max_rank: d_in.min(d_out),
+                    d_in,
+                    d_out,
+                });
+            }
+            linalg::truncated_factors(exact_a.as_ref(), exact_b.as_ref(), rank)
         }
     };
-
-    let exact_norm = exact_a.product_norm_squared(&exact_b);
-    let difference = lora_a
-        .hcat(&exact_a.scaled(-1.0))
-        .product_norm_squared(&lora_b.vcat(&exact_b));
-    let relative_error = match exact_norm > 0.0 {
-        true => (difference / exact_norm).sqrt(),
-        false => difference.sqrt(),
-    };
+    let relative_error = linalg::relative_product_error(
+        lora_a.as_ref(),
+        lora_b.as_ref(),
+        exact_a.as_ref(),
+        exact_b.as_ref(),
+    );
 
     let device = first.lora_a.lazy_device();
-    let dtype = factor_dtype(first.lora_a.val().dtype());
-    let rank = lora_a.cols;
-    let adapter = LoraAdapter {
-        lora_a: Param::from_tensor(lora_a.to_tensor(&device).cast(dtype)),
-        lora_b: Param::from_tensor(lora_b.to_tensor(&device).cast(dtype)),
-        magnitude: None,
-        scale: 1.0,
-        alpha: rank as f64,
-        use_rslora: false,
-        dropout: first.dropout.clone(),
-        name: name.to_string(),
-        active: false,
-        trainable: false,
-        merged: false,
-        merged_norm: None,
-        residual_init: None,
-    }
+    let dtype = float_dtype(first.lora_a.val().dtype());
+    let rank = lora_a.ncols();
+    let adapter = Adapter::new(
+        name,
+        linalg::to_tensor(lora_a.as_ref(), &device).cast(dtype),
+        linalg::to_tensor(lora_b.as_ref(), &device).cast(dtype),
+        1.0,
+        rank as f64,
+        false,
+        first.dropout.prob,
+    )
     .with_trainable(false);
     let layer = CombinedLayer {
         path: path.to_string(),
@@ -149,54 +151,4 @@ pub(crate) fn combine(
         relative_error,
     };
     Ok(Some((adapter, layer)))
-}
-
-/// `U = [c₁A₁ | … | cₖAₖ]`, `V = [B₁; …; Bₖ]`, so that `U·V = Σ cᵢ·Aᵢ·Bᵢ` exactly.
-fn exact_factors(factors: &[(Matrix, Matrix, f64)]) -> (Matrix, Matrix) {
-    let (a0, b0, c0) = &factors[0];
-    factors[1..].iter().fold(
-        (a0.scaled(*c0), b0.clone()),
-        |(u, v), (a, b, coefficient)| (u.hcat(&a.scaled(*coefficient)), v.vcat(b)),
-    )
-}
-
-/// PEFT's linear combination, with the coefficient split evenly between `A` and `B` and its
-/// sign kept on `A`.
-fn linear_factors(factors: &[(Matrix, Matrix, f64)]) -> (Matrix, Matrix) {
-    let (a0, b0, _) = &factors[0];
-    let start = (
-        Matrix::zeros(a0.rows, a0.cols),
-        Matrix::zeros(b0.rows, b0.cols),
-    );
-    factors.iter().fold(start, |(sum_a, sum_b), (a, b, c)| {
-        let root = c.abs().sqrt();
-        (
-            sum_a.add(&a.scaled(c.signum() * root)),
-            sum_b.add(&b.scaled(root)),
-        )
-    })
-}
-
-/// The best rank-`rank` factors of `U·V`: QR of both thin factors, SVD of the small core
-/// `R_U·R_Vᵀ`, the top singular triplets split as `√σ` on each side. Padded with zeros when
-/// `U·V` has a lower rank than asked.
-fn truncated_factors(u: &Matrix, v: &Matrix, rank: usize) -> (Matrix, Matrix) {
-    let (q_u, r_u) = u.qr();
-    let (q_v, r_v) = v.transpose().qr();
-    let core = r_u.matmul(&r_v.transpose());
-    let (left, sigma, right) = core.svd();
-    let mut a = Matrix::zeros(u.rows, rank);
-    let mut b = Matrix::zeros(rank, v.cols);
-    let left = q_u.matmul(&left); // [d_in, k]
-    let right = q_v.matmul(&right); // [d_out, k]
-    for (k, &value) in sigma.iter().enumerate().take(rank) {
-        let root = value.sqrt();
-        for r in 0..a.rows {
-            a.set(r, k, left.get(r, k) * root);
-        }
-        for c in 0..b.cols {
-            b.set(k, c, right.get(c, k) * root);
-        }
-    }
-    (a, b)
 }

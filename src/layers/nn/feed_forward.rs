@@ -5,7 +5,7 @@ use burn::nn::Dropout;
 use burn::nn::activation::Activation;
 use burn::tensor::{Tensor, assert_shape};
 
-use crate::{LoraLinear, MixedBatch};
+use crate::layers::{LoraLinear, MixedBatch};
 
 /// Burn's position-wise feed-forward block, `linear_outer(dropout(act(linear_inner(x))))`, with
 /// `LoraLinear` layers.
@@ -50,7 +50,7 @@ impl PositionWiseFeedForward {
     ///
     /// Panics if the last axis of `input` is not `d_model`.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        self.apply(input, None)
+        self.forward_routed(input, None)
     }
 
     /// [`forward`](Self::forward) with each sample through its own adapter, as `batch` routes
@@ -66,10 +66,11 @@ impl PositionWiseFeedForward {
     /// As [`forward`](Self::forward), and if `batch` routes another number of samples or an
     /// adapter of a layer is merged.
     pub fn forward_mixed<const D: usize>(&self, input: Tensor<D>, batch: &MixedBatch) -> Tensor<D> {
-        self.apply(input, Some(batch))
+        self.forward_routed(input, Some(batch))
     }
 
-    pub(crate) fn apply<const D: usize>(
+    /// [`forward_mixed`](Self::forward_mixed) with a batch, [`forward`](Self::forward) without.
+    pub(crate) fn forward_routed<const D: usize>(
         &self,
         input: Tensor<D>,
         routing: Option<&MixedBatch>,

@@ -12,8 +12,9 @@ use burn::optim::lr_scheduler::composed::{ComposedLrSchedulerConfig, SchedulerRe
 use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLrScheduler, ModuleLrSchedulerConfig};
 use burn::optim::lr_scheduler::{LrScheduler, LrSchedulerConfig, LrSchedulerRecord};
 
-use crate::rebuild::Snapshot;
-use crate::{LayerKind, LoraError};
+use crate::LoraError;
+use crate::adapter::LayerKind;
+use crate::model::snapshot::Snapshot;
 
 /// Configuration of LoRA+ learning rates, PEFT's `create_loraplus_optimizer` arguments.
 ///

@@ -5,7 +5,7 @@ use burn::nn::{Dropout, LayerNorm};
 use burn::tensor::{Bool, Tensor};
 
 use super::{MhaInput, MultiHeadAttention, PositionWiseFeedForward};
-use crate::MixedBatch;
+use crate::layers::MixedBatch;
 
 /// Burn's transformer encoder, built from [`TransformerEncoderLayer`]s with LoRA-ready
 /// attention and feed-forward blocks.
@@ -91,7 +91,7 @@ impl TransformerEncoder {
     ///
     /// Panics if the input's last axis is not `d_model`.
     pub fn forward(&self, input: TransformerEncoderInput) -> Tensor<3> {
-        self.encode(input, None)
+        self.forward_routed(input, None)
     }
 
     /// [`forward`](Self::forward) with each sample through its own adapter in every layer, as
@@ -107,12 +107,17 @@ impl TransformerEncoder {
     /// adapter is merged ([`LoraModule::mixed_batch`](crate::LoraModule::mixed_batch) checks
     /// both names and merges up front).
     pub fn forward_mixed(&self, input: TransformerEncoderInput, batch: &MixedBatch) -> Tensor<3> {
-        self.encode(input, Some(batch))
+        self.forward_routed(input, Some(batch))
     }
 
-    fn encode(&self, input: TransformerEncoderInput, routing: Option<&MixedBatch>) -> Tensor<3> {
+    /// [`forward_mixed`](Self::forward_mixed) with a batch, [`forward`](Self::forward) without.
+    fn forward_routed(
+        &self,
+        input: TransformerEncoderInput,
+        routing: Option<&MixedBatch>,
+    ) -> Tensor<3> {
         self.layers.iter().fold(input.tensor, |x, layer| {
-            layer.apply(x, input.mask_pad.clone(), input.mask_attn.clone(), routing)
+            layer.forward_routed(x, input.mask_pad.clone(), input.mask_attn.clone(), routing)
         })
     }
 }
@@ -166,7 +171,7 @@ impl TransformerEncoderLayer {
         mask_pad: Option<Tensor<2, Bool>>,
         mask_attn: Option<Tensor<3, Bool>>,
     ) -> Tensor<3> {
-        self.apply(input, mask_pad, mask_attn, None)
+        self.forward_routed(input, mask_pad, mask_attn, None)
     }
 
     /// [`forward`](Self::forward) with each sample through its own adapter, as `batch` routes
@@ -187,10 +192,11 @@ impl TransformerEncoderLayer {
         mask_attn: Option<Tensor<3, Bool>>,
         batch: &MixedBatch,
     ) -> Tensor<3> {
-        self.apply(input, mask_pad, mask_attn, Some(batch))
+        self.forward_routed(input, mask_pad, mask_attn, Some(batch))
     }
 
-    fn apply(
+    /// [`forward_mixed`](Self::forward_mixed) with a batch, [`forward`](Self::forward) without.
+    fn forward_routed(
         &self,
         input: Tensor<3>,
         mask_pad: Option<Tensor<2, Bool>>,
@@ -210,7 +216,7 @@ impl TransformerEncoderLayer {
         if let Some(mask_attn) = mask_attn {
             attention = attention.mask_attn(mask_attn);
         }
-        let context = self.mha.attend(attention, routing).context;
+        let context = self.mha.forward_routed(attention, routing).context;
         let mut x = input + self.dropout.forward(context);
 
         let feed_forward_input = match self.norm_first {
@@ -220,7 +226,7 @@ impl TransformerEncoderLayer {
                 x.clone()
             }
         };
-        let feed_forward = self.pwff.apply(feed_forward_input, routing);
+        let feed_forward = self.pwff.forward_routed(feed_forward_input, routing);
         let x = x + self.dropout.forward(feed_forward);
         match self.norm_first {
             true => x,

@@ -1,9 +1,10 @@
 //! What the user asks for: [`LoraConfig`], PEFT's `LoraConfig` in Burn's config style.
 
 use burn::config::Config;
-use burn::module::Module;
 
-use crate::{LoraError, LoraReport, Target, Targets, apply};
+use super::scaling;
+use super::targets::{Target, Targets};
+use crate::LoraError;
 
 /// How the adapter factors start. Every init leaves the adapted model's output equal to the
 /// base's at the start.
@@ -100,7 +101,7 @@ pub struct LoraConfig {
     #[config(default = "LoraInit::KaimingUniform")]
     pub init: LoraInit,
     /// DoRA: add a trainable magnitude per output feature and train the direction with `A·B`
-    /// ([`crate::LoraAdapter::magnitude`]). Costs a weight-sized norm per forward.
+    /// ([`crate::Adapter::magnitude`]). Costs a weight-sized norm per forward.
     #[config(default = false)]
     pub use_dora: bool,
     /// The modules that get adapters.
@@ -131,11 +132,7 @@ impl LoraConfig {
 
     /// The scale of an adapter with this rank and alpha, under this config's rsLoRA setting.
     pub fn scale_for(&self, rank: usize, alpha: f64) -> f64 {
-        let rank = rank as f64;
-        match self.use_rslora {
-            true => alpha / rank.sqrt(),
-            false => alpha / rank,
-        }
+        scaling::scale(rank, alpha, self.use_rslora)
     }
 
     /// Check the values that do not depend on the model.
@@ -171,25 +168,5 @@ impl LoraConfig {
         }
         self.targets.compile()?;
         Ok(())
-    }
-
-    /// What [`apply`](Self::apply) would do, without changing the model: the matched layers
-    /// with their shapes, ranks and alphas, and the parameter counts.
-    pub fn plan<M: Module>(&self, model: &M) -> Result<LoraReport, LoraError> {
-        apply::plan(self, model)
-    }
-
-    /// Freeze every base parameter of `model` and attach an adapter named `"default"` to each
-    /// targeted weight (linear, embedding or conv2d).
-    ///
-    /// Returns the adapted model and a report of what was adapted. The model's output is
-    /// unchanged until the adapters train, since `B` starts at zero.
-    ///
-    /// # Errors
-    ///
-    /// An invalid config ([`validate`](Self::validate)), a target that matches nothing, a rank
-    /// larger than a target allows, or a model that already carries adapters.
-    pub fn apply<M: Module>(&self, model: M) -> Result<(M, LoraReport), LoraError> {
-        apply::attach(self, model)
     }
 }

@@ -10,11 +10,14 @@ use std::collections::HashMap;
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use crate::combine::{self, Combination, CombineReport};
-use crate::mixed::MixedBatch;
-use crate::rebuild::Snapshot;
-use crate::survey::module_path_of;
-use crate::{LoraConfig, LoraError, LoraReport, LoraState};
+use super::attach::{add_adapter, attach_adapters};
+use super::combine::{self, Combination, CombineReport};
+use super::report::LoraReport;
+use super::snapshot::Snapshot;
+use super::survey::module_path_of;
+use crate::adapter::{Adapter, LoraState};
+use crate::layers::MixedBatch;
+use crate::{LoraConfig, LoraError};
 
 /// A summary of one adapter on one weight, from [`LoraModule::lora_adapters`].
 #[derive(Debug, Clone, PartialEq)]
@@ -237,7 +240,7 @@ impl<M: Module> LoraModule for M {
         name: &str,
         config: &LoraConfig,
     ) -> Result<(Self, LoraReport), LoraError> {
-        crate::apply::add_adapter(self, name, config)
+        add_adapter(self, name, config)
     }
 
     fn set_active(&self, names: &[&str]) -> Result<Self, LoraError> {
@@ -247,7 +250,7 @@ impl<M: Module> LoraModule for M {
         Ok(edit_adapters(snapshot, |adapter| {
             let chosen = names.contains(&adapter.name.as_str());
             let adapter = adapter.with_trainable(chosen);
-            crate::LoraAdapter {
+            Adapter {
                 active: chosen,
                 ..adapter
             }
@@ -319,29 +322,23 @@ impl<M: Module> LoraModule for M {
                 });
             }
         }
-        if snapshot.adapter_names().iter().any(|known| known == name) {
-            return Err(LoraError::AdapterExists {
-                name: name.to_string(),
-            });
-        }
+        snapshot.require_new_name(name)?;
         snapshot.refuse_dora(
             |adapter| adapters.iter().any(|(source, _)| *source == adapter.name),
             "combining DoRA adapters (their magnitudes do not add)",
         )?;
         // Compute every layer's new adapter before touching the model.
         let mut report = CombineReport::default();
-        let mut states = Vec::with_capacity(snapshot.states.len());
+        let mut combined = Vec::new();
         for (path, state) in &snapshot.states {
-            let mut state = state.clone();
             if let Some((adapter, layer)) =
-                combine::combine(module_path_of(path), &state, adapters, name, combination)?
+                combine::combine(module_path_of(path), state, adapters, name, combination)?
             {
-                state.adapters.push(adapter);
+                combined.push((path.clone(), adapter));
                 report.layers.push(layer);
             }
-            states.push((path.clone(), state));
         }
-        Ok((snapshot.rebuild(states, HashMap::new(), false), report))
+        Ok((attach_adapters(snapshot, combined, HashMap::new()), report))
     }
 
     fn mixed_batch(&self, adapters: &[Option<&str>]) -> Result<MixedBatch, LoraError> {
@@ -393,10 +390,7 @@ fn edit_states<M: Module>(snapshot: Snapshot<M>, edit: impl Fn(LoraState) -> Lor
 }
 
 /// Rebuild with every adapter passed through `edit`; no base changes.
-fn edit_adapters<M: Module>(
-    snapshot: Snapshot<M>,
-    edit: impl Fn(crate::LoraAdapter) -> crate::LoraAdapter,
-) -> M {
+fn edit_adapters<M: Module>(snapshot: Snapshot<M>, edit: impl Fn(Adapter) -> Adapter) -> M {
     edit_states(snapshot, |state| LoraState {
         adapters: state.adapters.into_iter().map(&edit).collect(),
         ..state
@@ -416,7 +410,7 @@ impl Fold {
     /// Which adapters of `state` to fold into the base, with which sign, and whether the
     /// adapters stay attached afterwards.
     fn edit(self, state: &LoraState) -> (Vec<usize>, f64, bool) {
-        let select = |pick: &dyn Fn(&crate::LoraAdapter) -> bool| -> Vec<usize> {
+        let select = |pick: &dyn Fn(&Adapter) -> bool| -> Vec<usize> {
             (0..state.adapters.len())
                 .filter(|&index| pick(&state.adapters[index]))
                 .collect()

@@ -9,7 +9,7 @@
 use burn::tensor::ops::PadMode;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::{LoraAdapter, LoraState};
+use crate::adapter::{Adapter, LoraState};
 
 /// Which adapter each sample of a batch uses, ready for
 /// [`LoraLinear::forward_mixed`](crate::LoraLinear::forward_mixed).
@@ -82,7 +82,7 @@ impl LoraState {
         output: Tensor<D>,
         batch: &MixedBatch,
     ) -> Tensor<D> {
-        let present: Vec<Option<&LoraAdapter>> = batch
+        let present: Vec<Option<&Adapter>> = batch
             .adapters
             .iter()
             .map(|name| self.adapter(name))

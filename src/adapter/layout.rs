@@ -11,8 +11,11 @@
 //!   `[channels_out, channels_in·k1·k2]` and transposes to `[channels_in·k1·k2, channels_out]`.
 //!   `A` is then a convolution with the base's kernel, stride and padding into `r` channels, and
 //!   `B` a 1×1 convolution out of them, as in PEFT.
+//!
+//! Adapter math runs in f32 beside a base of any dtype (f16, bf16, or a quantized QFloat);
+//! the dtype helpers below are the one place that decides how.
 
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{DType, FloatDType, Shape, Tensor};
 
 /// A kind of layer whose `weight` LoRA adapts, recognised by its module type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +73,23 @@ pub(crate) fn from_factor_layout<const D: usize>(factors: Tensor<2>, shape: Shap
     match D {
         2 => factors.reshape(shape),
         _ => factors.transpose().reshape(shape),
+    }
+}
+
+/// A float copy of `tensor` in f32, dequantizing a quantized one (which `cast` refuses).
+pub(crate) fn to_f32<const D: usize>(tensor: Tensor<D>) -> Tensor<D> {
+    match tensor.dtype() {
+        DType::QFloat(_) => tensor.dequantize().cast(FloatDType::F32),
+        _ => tensor.cast(FloatDType::F32),
+    }
+}
+
+/// The float dtype that goes with a stored tensor of `dtype`: the same for a float tensor, f32
+/// for a quantized or integer one. Adapter factors take it, and results are cast back to it.
+pub(crate) fn float_dtype(dtype: DType) -> FloatDType {
+    match dtype.is_float() {
+        true => FloatDType::from(dtype),
+        false => FloatDType::F32,
     }
 }
 

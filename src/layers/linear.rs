@@ -6,7 +6,8 @@ use burn::nn::{Initializer, Linear, LinearConfig, LinearLayout};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor, assert_shape};
 
-use crate::{LoraState, MixedBatch};
+use super::mixed::MixedBatch;
+use crate::adapter::LoraState;
 
 /// Configuration to create a [`LoraLinear`] layer with [`init`](LoraLinearConfig::init).
 ///
@@ -146,7 +147,8 @@ impl LoraLinear {
 
 impl LoraLinear {
     /// [`forward_mixed`](Self::forward_mixed) with a batch, [`forward`](Self::forward) without:
-    /// how the `nn` blocks share one code path for both.
+    /// every block of [`nn`](crate::nn) has a `forward_routed` built on this one, so both
+    /// forwards share one code path.
     pub(crate) fn forward_routed<const D: usize>(
         &self,
         input: Tensor<D>,
@@ -193,7 +195,7 @@ impl ModuleDisplay for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::detaching::capturing;
+    use crate::adapter::capture::capturing;
     use crate::{LoraConfig, Targets};
     use burn::tensor::{Distribution, Tolerance};
 
@@ -216,9 +218,9 @@ mod tests {
         let x = Tensor::<2>::random([3, 6], Distribution::Default, &device);
 
         // With the capture on, every `apply` (dense composition) is recorded and skipped.
-        let (_, composed) = capturing(|| model.fast.forward(x.clone()));
+        let (_, composed) = capturing::<LoraState, _>(|| model.fast.forward(x.clone()));
         assert!(composed.is_empty(), "LoraLinear composed W + s·A·B");
-        let (_, composed) = capturing(|| model.dense.forward(x.clone()));
+        let (_, composed) = capturing::<LoraState, _>(|| model.dense.forward(x.clone()));
         assert_eq!(
             composed.len(),
             1,

@@ -7,7 +7,7 @@ use burn::nn::attention::MhaOutput;
 use burn::tensor::activation::{quiet_softmax, softmax};
 use burn::tensor::{Bool, Tensor, assert_shape};
 
-use crate::{LoraLinear, MixedBatch};
+use crate::layers::{LoraLinear, MixedBatch};
 
 /// Burn's `MultiHeadAttention` (attention is all you need), with `LoraLinear` projections.
 ///
@@ -114,7 +114,7 @@ impl MultiHeadAttention {
     /// Panics if the inputs' last axis is not `d_model`, or if the key and value disagree on
     /// batch or length.
     pub fn forward(&self, input: MhaInput) -> MhaOutput {
-        self.attend(input, None)
+        self.forward_routed(input, None)
     }
 
     /// [`forward`](Self::forward) with each sample's projections through its own adapter, as
@@ -129,10 +129,15 @@ impl MultiHeadAttention {
     /// As [`forward`](Self::forward), and if `batch` routes another number of samples or an
     /// adapter of a projection is merged.
     pub fn forward_mixed(&self, input: MhaInput, batch: &MixedBatch) -> MhaOutput {
-        self.attend(input, Some(batch))
+        self.forward_routed(input, Some(batch))
     }
 
-    pub(crate) fn attend(&self, input: MhaInput, routing: Option<&MixedBatch>) -> MhaOutput {
+    /// [`forward_mixed`](Self::forward_mixed) with a batch, [`forward`](Self::forward) without.
+    pub(crate) fn forward_routed(
+        &self,
+        input: MhaInput,
+        routing: Option<&MixedBatch>,
+    ) -> MhaOutput {
         let [batch_size, seq_length_q, d_model] = input.query.dims();
         let [_, seq_length_kv, _] = input.key.dims();
         assert_shape!(input.query, [_, _, self.d_model]);

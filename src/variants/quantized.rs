@@ -16,10 +16,11 @@ use core::fmt;
 use burn::module::{Module, ParamGroup, ParamId, Quantizer};
 use burn::tensor::Tensor;
 
-use crate::adapter::to_f32;
-use crate::rebuild::Snapshot;
-use crate::survey::Survey;
-use crate::{LayerKind, LoraError, LoraModule};
+use crate::adapter::LayerKind;
+use crate::adapter::layout::to_f32;
+use crate::model::snapshot::Snapshot;
+use crate::model::survey::{Survey, module_path_of};
+use crate::{LoraError, LoraModule};
 
 /// Quantize the weights of every linear layer of `model` that `quantizer`'s parameter group
 /// selects (all, by default), with its calibration and scheme: QLoRA's frozen base. Biases,
@@ -144,7 +145,7 @@ pub fn merge_quantized<M: LoraModule>(
         report.layers = quantized
             .iter()
             .map(|(path, _)| QuantizedMerge {
-                path: crate::survey::module_path_of(path).to_string(),
+                path: module_path_of(path).to_string(),
                 requantized: false,
                 max_abs_error: None,
                 relative_error: None,
@@ -164,7 +165,7 @@ pub fn merge_quantized<M: LoraModule>(
     for path in &paths {
         let (max_abs_error, relative_error) = rounding_error(&exact[path], &rounded[path]);
         report.layers.push(QuantizedMerge {
-            path: crate::survey::module_path_of(path).to_string(),
+            path: module_path_of(path).to_string(),
             requantized: true,
             max_abs_error: Some(max_abs_error),
             relative_error: Some(relative_error),

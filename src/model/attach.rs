@@ -1,26 +1,52 @@
-//! Attaching new adapters: planning which weights a [`LoraConfig`] selects, and creating the
-//! adapters on them.
+//! Attaching new adapters: planning which weights a [`LoraConfig`] selects, creating the
+//! adapters on them, and the one path that puts new adapters on a model, which
+//! [`LoraConfig::apply`], [`LoraModule::add_adapter`](crate::LoraModule::add_adapter), PEFT
+//! loading and combinations all take.
 //!
 //! This file knows module paths and targets; the math of one adapted weight lives in
 //! [`adapter`](crate::adapter), and the rebuild that puts adapters on a model in
-//! [`rebuild`](crate::rebuild).
+//! [`snapshot`](super::snapshot).
 
 use std::collections::HashMap;
 
-use burn::module::{Module, Param};
-use burn::nn::DropoutConfig;
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::module::Module;
+use burn::tensor::{DType, Tensor};
 
-use crate::rebuild::Snapshot;
-use crate::survey::Survey;
-use crate::targets::CompiledTarget;
-use crate::{
-    AdaptedLayer, DEFAULT_ADAPTER, LoraAdapter, LoraConfig, LoraError, LoraReport, LoraState,
-    ResidualInit, SkippedModule, Target, TargetMatch, dora, init,
-};
+use super::report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
+use super::snapshot::Snapshot;
+use super::survey::{Survey, weight_path_of};
+use crate::adapter::init::{self, Site};
+use crate::adapter::layout::float_dtype;
+use crate::adapter::{Adapter, DEFAULT_ADAPTER, LoraState, ResidualInit};
+use crate::config::matcher::first_match;
+use crate::{LoraConfig, LoraError, Target};
+
+impl LoraConfig {
+    /// What [`apply`](Self::apply) would do, without changing the model: the matched layers
+    /// with their shapes, ranks and alphas, and the parameter counts.
+    pub fn plan<M: Module>(&self, model: &M) -> Result<LoraReport, LoraError> {
+        plan(self, model)
+    }
+
+    /// Freeze every base parameter of `model` and attach an adapter named `"default"` to each
+    /// targeted weight (linear, embedding or conv2d).
+    ///
+    /// Returns the adapted model and a report of what was adapted. The model's output is
+    /// unchanged until the adapters train, since `B` starts at zero.
+    ///
+    /// # Errors
+    ///
+    /// An invalid config ([`validate`](Self::validate)), a target that matches nothing, a rank
+    /// larger than a target allows, or a model that already carries adapters.
+    pub fn apply<M: Module>(&self, model: M) -> Result<(M, LoraReport), LoraError> {
+        // `apply` is for a model without adapters; `add_adapter` adds to one that has some.
+        plan(self, &model)?;
+        add_adapter(&model, DEFAULT_ADAPTER, self)
+    }
+}
 
 /// The plan of [`LoraConfig::plan`].
-pub(crate) fn plan<M: Module>(config: &LoraConfig, model: &M) -> Result<LoraReport, LoraError> {
+fn plan<M: Module>(config: &LoraConfig, model: &M) -> Result<LoraReport, LoraError> {
     config.validate()?;
     let survey = Survey::of(model);
     if let Some((path, kind)) = survey.reparameterized.iter().min() {
@@ -32,7 +58,7 @@ pub(crate) fn plan<M: Module>(config: &LoraConfig, model: &M) -> Result<LoraRepo
     plan_survey(config, &survey)
 }
 
-pub(crate) fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraError> {
+fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraError> {
     let targets = config.targets.compile()?;
     let rank_patterns = config
         .rank_pattern
@@ -160,19 +186,6 @@ pub(crate) fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraRe
     Ok(report)
 }
 
-/// The first override whose target selects the layer at `path`, with its index.
-fn first_match<T: Copy>(
-    overrides: &[(CompiledTarget, T)],
-    path: &str,
-    module_type: &str,
-) -> Option<(usize, T)> {
-    overrides
-        .iter()
-        .enumerate()
-        .find(|(_, (target, _))| target.matches_module(path, module_type))
-        .map(|(index, (_, value))| (index, *value))
-}
-
 /// Up to five linear-layer paths, the ones whose last segment is closest to the target first.
 fn nearest_linear_paths(target: &Target, survey: &Survey) -> Vec<String> {
     let mut scored: Vec<(usize, &str)> = survey
@@ -221,16 +234,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// The work of [`LoraConfig::apply`].
-pub(crate) fn attach<M: Module>(
-    config: &LoraConfig,
-    model: M,
-) -> Result<(M, LoraReport), LoraError> {
-    // `apply` is for a model without adapters; `add_adapter` adds to one that has some.
-    plan(config, &model)?;
-    add_adapter(&model, DEFAULT_ADAPTER, config)
-}
-
 /// Attach a new adapter `name`, as `config` describes, beside any the model already has.
 ///
 /// The first adapter of a model freezes the base and starts active and trainable. A later one
@@ -242,24 +245,20 @@ pub(crate) fn add_adapter<M: Module>(
 ) -> Result<(M, LoraReport), LoraError> {
     config.validate()?;
     let snapshot = Snapshot::take(model)?;
-    if snapshot.adapter_names().iter().any(|known| known == name) {
-        return Err(LoraError::AdapterExists {
-            name: name.to_string(),
-        });
-    }
+    snapshot.require_new_name(name)?;
     let report = plan_survey(config, &snapshot.survey)?;
     let first = !snapshot.is_adapted();
     let weight_paths: Vec<String> = report
         .layers
         .iter()
-        .map(|layer| crate::survey::weight_path_of(&layer.path))
+        .map(|layer| weight_path_of(&layer.path))
         .collect();
     if config.init.rewrites_base() {
         // The residual is taken from the stored base, which must not hold a merged update.
         snapshot.require_unmerged("a PiSSA or OLoRA init")?;
     }
     let bases = snapshot.bases(&weight_paths);
-    let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
+    let mut adapters = Vec::with_capacity(report.layers.len());
     let mut residuals = HashMap::new();
     for (layer, path) in report.layers.iter().zip(&weight_paths) {
         let base = &bases[path];
@@ -274,20 +273,36 @@ pub(crate) fn add_adapter<M: Module>(
             });
         }
         let (adapter, residual) = new_adapter(config, layer, name, base)?;
-        let adapter = LoraAdapter {
-            active: first,
-            ..adapter.with_trainable(first)
-        };
         if let Some(residual) = residual {
-            residuals.insert(path.clone(), residual.cast(factor_dtype(base.dtype())));
+            residuals.insert(path.clone(), residual.cast(float_dtype(base.dtype())));
         }
+        adapters.push((path.clone(), adapter.with_trainable(first)));
+    }
+    Ok((attach_adapters(snapshot, adapters, residuals), report))
+}
+
+/// Put new adapters (weight path, adapter) on the model a snapshot was taken of, and replace
+/// the stored bases in `bases`: the one way adapters are added. Each new adapter is active when
+/// it is the model's first, and inactive otherwise; its trainability is the caller's. The
+/// first adapters of a model freeze every base parameter.
+pub(crate) fn attach_adapters<M: Module>(
+    snapshot: Snapshot<M>,
+    adapters: Vec<(String, Adapter)>,
+    bases: HashMap<String, Tensor<2>>,
+) -> M {
+    let first = !snapshot.is_adapted();
+    let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
+    for (path, adapter) in adapters {
         states
-            .entry(path.clone())
+            .entry(path)
             .or_insert_with(|| LoraState::new(Vec::new()))
             .adapters
-            .push(adapter);
+            .push(Adapter {
+                active: first,
+                ..adapter
+            });
     }
-    Ok((snapshot.rebuild(states, residuals, first), report))
+    snapshot.rebuild(states, bases, first)
 }
 
 /// A fresh adapter for `layer` as `config.init` starts it, in the base's dtype, and the
@@ -297,46 +312,37 @@ fn new_adapter(
     layer: &AdaptedLayer,
     name: &str,
     base: &Tensor<2>,
-) -> Result<(LoraAdapter, Option<Tensor<2>>), LoraError> {
+) -> Result<(Adapter, Option<Tensor<2>>), LoraError> {
     let scale = config.scale_for(layer.rank, layer.alpha);
-    let dtype = factor_dtype(base.dtype());
-    let start = init::start(config.init, layer, base, scale, dtype, name)?;
+    let dtype = float_dtype(base.dtype());
+    let site = Site {
+        kind: layer.kind,
+        path: &layer.path,
+        adapter: name,
+        rank: layer.rank,
+        scale,
+    };
+    let start = init::start(config.init, &site, base, dtype)?;
     let residual_init = start.residual.as_ref().map(|_| ResidualInit {
         lora_a: start.lora_a.clone(),
         lora_b: start.lora_b.clone(),
         method: config.init.peft_name(),
     });
-    let mut adapter = LoraAdapter {
-        lora_a: Param::from_tensor(start.lora_a),
-        lora_b: Param::from_tensor(start.lora_b),
-        magnitude: None,
+    let adapter = Adapter::new(
+        name,
+        start.lora_a,
+        start.lora_b,
         scale,
-        alpha: layer.alpha,
-        use_rslora: config.use_rslora,
-        dropout: DropoutConfig::new(config.dropout).init(),
-        name: name.to_string(),
-        active: true,
-        trainable: true,
-        merged: false,
-        merged_norm: None,
-        residual_init,
-    };
-    if config.use_dora {
-        let stored = start.residual.clone().unwrap_or_else(|| base.clone());
-        // Computed from the weight, it must not carry the weight's graph into a new leaf.
-        let magnitude = dora::initial_magnitude(&adapter, &stored)
-            .cast(dtype)
-            .detach();
-        adapter.magnitude = Some(Param::from_tensor(magnitude));
+        layer.alpha,
+        config.use_rslora,
+        config.dropout,
+    )
+    .with_residual_init(residual_init);
+    if !config.use_dora {
+        return Ok((adapter, start.residual));
     }
-    Ok((adapter, start.residual))
-}
-
-/// The float dtype adapter factors take beside a base of `dtype`: the same, or f32 for a
-/// quantized or integer base.
-pub(crate) fn factor_dtype(dtype: DType) -> FloatDType {
-    match dtype {
-        DType::F64 | DType::F32 | DType::F16 | DType::BF16 => FloatDType::from(dtype),
-        _ => FloatDType::F32,
-    }
+    let stored = start.residual.clone().unwrap_or_else(|| base.clone());
+    // Computed from the weight, it must not carry the weight's graph into a new leaf.
+    let magnitude = adapter.initial_magnitude(&stored).cast(dtype).detach();
+    Ok((adapter.with_magnitude(magnitude), start.residual))
 }

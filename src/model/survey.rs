@@ -1,14 +1,16 @@
 //! One read-only walk over a model: its float parameters, the owners' types, and where
 //! reparameterizations (ours and others') sit.
+//!
+//! [`PathStack`] is the one place that turns Burn's `enter_module`/`exit_module` calls into
+//! module paths; every visitor of the crate keeps its path with it.
 
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId, Reparameterization};
 use burn::tensor::{DType, Tensor};
 
-use crate::LoraState;
-
-use crate::LayerKind;
+use crate::adapter::layout::factor_dims;
+use crate::adapter::{LayerKind, LoraState};
 
 /// A float parameter of the model, as the survey saw it.
 pub(crate) struct ParamSite {
@@ -36,10 +38,9 @@ impl ParamSite {
         LayerKind::of(&self.owner, &self.dims)
     }
 
-    /// The factor dimensions `(d_in, d_out)` of an adapter on this weight; see
-    /// `layer::factor_dims`.
+    /// The factor dimensions `(d_in, d_out)` of an adapter on this weight.
     pub fn factor_dims(&self) -> (usize, usize) {
-        crate::layer::factor_dims(&self.dims)
+        factor_dims(&self.dims)
     }
 }
 
@@ -78,33 +79,62 @@ impl Survey {
     }
 }
 
+/// Where a visitor is in the module tree: the segments entered, each with the container type
+/// Burn named when entering it (`Struct:Linear`, `Vec`, `Reparameterization`...).
 #[derive(Default)]
-struct Surveyor {
-    survey: Survey,
-    /// (segment name, container type the segment was entered from)
-    stack: Vec<(String, String)>,
-    /// Path of the last base parameter visited outside a reparameterization.
-    last_param: Option<String>,
+pub(crate) struct PathStack {
+    segments: Vec<(String, String)>,
 }
 
-impl Surveyor {
-    fn path(&self) -> String {
-        let names: Vec<&str> = self.stack.iter().map(|(name, _)| name.as_str()).collect();
-        names.join(".")
+impl PathStack {
+    /// Burn entered the field or item `name` of a container of `container_type`.
+    pub fn enter(&mut self, name: &str, container_type: &str) {
+        self.segments
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    /// Burn left the innermost segment.
+    pub fn exit(&mut self) {
+        self.segments.pop();
+    }
+
+    /// The dotted path of the current position, e.g. `encoder.layers.0.query.weight`.
+    pub fn path(&self) -> String {
+        Self::join(&self.segments)
+    }
+
+    /// The type of the module owning the current parameter, e.g. `Linear`.
+    pub fn owner(&self) -> String {
+        self.segments
+            .last()
+            .map(|(_, container)| container.rsplit(':').next().unwrap_or("").to_string())
+            .unwrap_or_default()
     }
 
     /// The `(path of the carrying weight, reparameterization name)` when inside one.
-    fn enclosing_reparameterization(&self) -> Option<(String, &str)> {
+    pub fn enclosing_reparameterization(&self) -> Option<(String, &str)> {
         let index = self
-            .stack
+            .segments
             .iter()
             .position(|(_, container)| container == "Reparameterization")?;
-        let names: Vec<&str> = self.stack[..index]
-            .iter()
-            .map(|(name, _)| name.as_str())
-            .collect();
-        Some((names.join("."), self.stack[index].0.as_str()))
+        Some((
+            Self::join(&self.segments[..index]),
+            self.segments[index].0.as_str(),
+        ))
     }
+
+    fn join(segments: &[(String, String)]) -> String {
+        let names: Vec<&str> = segments.iter().map(|(name, _)| name.as_str()).collect();
+        names.join(".")
+    }
+}
+
+#[derive(Default)]
+struct Surveyor {
+    survey: Survey,
+    stack: PathStack,
+    /// Path of the last base parameter visited outside a reparameterization.
+    last_param: Option<String>,
 }
 
 impl ModuleVisitor for Surveyor {
@@ -114,17 +144,16 @@ impl ModuleVisitor for Surveyor {
         {
             self.survey.reparameterized.insert(path, name.to_string());
         }
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
+        self.stack.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
+        self.stack.exit();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let path = self.path();
-        if let Some((weight_path, name)) = self.enclosing_reparameterization() {
+        let path = self.stack.path();
+        if let Some((weight_path, name)) = self.stack.enclosing_reparameterization() {
             // Our states lay out `adapters.<i>.lora_a`; the first adapter's A identifies the state.
             if name == LoraState::NAME
                 && path == format!("{weight_path}.{}.adapters.0.lora_a", name)
@@ -135,16 +164,11 @@ impl ModuleVisitor for Surveyor {
         }
         let dims = param.lazy_shape().to_vec();
         self.survey.base_params += dims.iter().product::<usize>();
-        let owner = self
-            .stack
-            .last()
-            .map(|(_, container)| container.rsplit(':').next().unwrap_or("").to_string())
-            .unwrap_or_default();
         // A parameter not yet initialized holds no quantized value; reading it would initialize it.
         let quantized = param.is_initialized() && matches!(param.base().dtype(), DType::QFloat(_));
         self.survey.params.push(ParamSite {
             path: path.clone(),
-            owner,
+            owner: self.stack.owner(),
             dims,
             id: param.id,
             quantized,

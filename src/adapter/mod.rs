@@ -1,0 +1,23 @@
+//! One adapted weight: its factors, its math and where it starts. Nothing here knows a model
+//! path; the layers above hand each weight in the factor layout `[d_in, d_out]`.
+//!
+//! - `layout`: the layer kinds and how their weights map to `[d_in, d_out]`, and the dtype
+//!   helpers;
+//! - `dora`: DoRA's rescaling, as tensor functions;
+//! - `linalg`: host linear algebra (SVD, QR) for the inits and combinations;
+//! - `weights`: [`Adapter`], one named `(A, B)`;
+//! - `init`: where the factors start;
+//! - `capture`: taking states off a model without changing a weight;
+//! - `state`: [`LoraState`], the adapters of one weight as Burn's reparameterization.
+
+pub(crate) mod capture;
+mod dora;
+pub(crate) mod init;
+pub(crate) mod layout;
+pub(crate) mod linalg;
+mod state;
+mod weights;
+
+pub use layout::LayerKind;
+pub use state::LoraState;
+pub use weights::{Adapter, DEFAULT_ADAPTER, ResidualInit};

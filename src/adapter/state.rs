@@ -1,0 +1,168 @@
+//! [`LoraState`]: the adapters of one weight, attached to its `Param` as Burn's
+//! [`Reparameterization`].
+//!
+//! Two ways to compute with it:
+//!
+//! - **dense composition** ([`Reparameterization::apply`]): `Param::val()` returns
+//!   `W + Σ s·A·B`. Any Burn layer, a plain `nn::Linear` included, is adapted this way without a
+//!   code change; it costs a `[d_in, d_out]` product and sum on every forward.
+//! - **activation path** ([`LoraState::forward`]): `x·W + b + Σ s·(dropout(x)·A)·B`, used by
+//!   [`LoraLinear`](crate::LoraLinear). It never builds a weight-sized tensor, and the frozen
+//!   base receives no gradient.
+
+use burn::module::{Module, Reparameterization};
+use burn::tensor::Tensor;
+use burn::tensor::module::linear;
+
+use super::capture;
+use super::layout::{float_dtype, from_factor_layout, to_f32, to_factor_layout};
+use super::weights::Adapter;
+use crate::LoraError;
+
+/// The adapters attached to one weight, as Burn's [`Reparameterization`].
+///
+/// Its parameters appear under the weight's path, as
+/// `<module>.weight.burn_lora.adapters.<i>.lora_a` and `….lora_b`, so the optimizer, records,
+/// `to_device`, `valid` and `freeze` all reach them like any other parameter. Its name,
+/// `"burn_lora"`, differs from the `"lora"` of Burn's own `apply_lora`, so each crate knows its
+/// own states.
+#[derive(Module, Debug)]
+pub struct LoraState {
+    /// The adapters, in the order they were added.
+    pub adapters: Vec<Adapter>,
+    /// False while [`disable_adapters`](crate::LoraModule::disable_adapters) is in force: the
+    /// layer then computes with its base weight alone.
+    pub enabled: bool,
+}
+
+impl Reparameterization for LoraState {
+    const NAME: &'static str = "burn_lora";
+
+    fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
+        if capture::record(self) {
+            return base;
+        }
+        if self.contributing().next().is_none() {
+            return base;
+        }
+        // DoRA needs the base itself; plain LoRA only its shape.
+        let stored = match self.contributing().any(Adapter::is_dora) {
+            true => Some(to_f32(to_factor_layout(base.clone().detach()))),
+            false => None,
+        };
+        let update = self
+            .contributing()
+            .map(|adapter| match &stored {
+                Some(stored) => adapter.weight_update(stored),
+                None => adapter.delta(),
+            })
+            .reduce(|sum, update| sum + update)
+            .expect("a contributing adapter");
+        let dtype = float_dtype(base.dtype());
+        let update: Tensor<D> = from_factor_layout(update.cast(dtype), base.shape());
+        base + update
+    }
+}
+
+impl LoraState {
+    /// A state holding `adapters`, enabled.
+    pub(crate) fn new(adapters: Vec<Adapter>) -> Self {
+        Self {
+            adapters,
+            enabled: true,
+        }
+    }
+
+    /// The adapters the forward passes add: active, unmerged, and the state enabled.
+    pub fn contributing(&self) -> impl Iterator<Item = &Adapter> {
+        let enabled = self.enabled;
+        self.adapters
+            .iter()
+            .filter(move |adapter| enabled && adapter.contributes())
+    }
+
+    /// The adapter called `name`, if this weight has one.
+    pub fn adapter(&self, name: &str) -> Option<&Adapter> {
+        self.adapters.iter().find(|adapter| adapter.name == name)
+    }
+
+    /// The output of a linear layer with stored weight `weight` and `bias` for input `x`, every
+    /// contributing adapter included: `x·W + b + Σ s·(dropout(x)·A)·B`, and for a DoRA adapter
+    /// `(f - 1)⊙(x·W) + f⊙s·(dropout(x)·A)·B` with `f = m / ‖W + s·A·B‖`, as PEFT computes it.
+    ///
+    /// No tensor of the weight's size is built, except DoRA's norm, which needs `W + s·A·B`.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[..., d_in]`
+    /// - weight: `[d_in, d_out]`
+    /// - output: `[..., d_out]`
+    pub fn forward<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        weight: Tensor<2>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<D> {
+        if !self.contributing().any(Adapter::is_dora) {
+            let output = linear(input.clone(), weight, bias);
+            return self.contributing().fold(output, |output, adapter| {
+                output + adapter.forward(input.clone())
+            });
+        }
+        let base_output = linear(input.clone(), weight.clone(), None);
+        let mut output = match bias {
+            Some(bias) => base_output.clone() + bias.unsqueeze(),
+            None => base_output.clone(),
+        };
+        let stored = to_f32(weight.clone().detach());
+        for adapter in self.contributing() {
+            output = output
+                + match &adapter.magnitude {
+                    None => adapter.forward(input.clone()),
+                    Some(magnitude) => adapter.dora_output(
+                        magnitude.val(),
+                        input.clone(),
+                        &weight,
+                        &stored,
+                        base_output.clone(),
+                    ),
+                };
+        }
+        output
+    }
+
+    /// The base (factor layout `[d_in, d_out]`) with the adapters at `adapters` merged in
+    /// (`merge`) or taken out (`!merge`), computed in f32 and cast back to the base's dtype.
+    /// Adapters merge in order and unmerge in reverse order, so DoRA adapters, whose merge
+    /// depends on the weight they merge into, come back out exactly. Records each merged DoRA
+    /// adapter's norms in it. Refuses a result with NaN or Inf.
+    pub(crate) fn fold_into_base(
+        &mut self,
+        path: &str,
+        base: Tensor<2>,
+        adapters: &[usize],
+        merge: bool,
+    ) -> Result<Tensor<2>, LoraError> {
+        let dtype = base.dtype();
+        let mut weight = to_f32(base);
+        let order: Vec<usize> = match merge {
+            true => adapters.to_vec(),
+            false => adapters.iter().rev().copied().collect(),
+        };
+        for index in order {
+            let adapter = &mut self.adapters[index];
+            let updated = match merge {
+                true => adapter.merge_into(weight),
+                false => adapter.unmerge_from(weight, path)?,
+            };
+            if !updated.clone().is_finite().all().into_scalar::<bool>() {
+                return Err(LoraError::NonFiniteMerge {
+                    path: path.to_string(),
+                    adapter: adapter.name.clone(),
+                });
+            }
+            weight = updated;
+        }
+        Ok(weight.cast(float_dtype(dtype)))
+    }
+}

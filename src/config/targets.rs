@@ -1,0 +1,207 @@
+//! Which modules of a model get adapters: PEFT's `target_modules`, on Burn module paths.
+//!
+//! A Burn module path joins field names and list indices with dots, as in
+//! `encoder.layers.3.mha.query`. The rules, which are PEFT's:
+//!
+//! - [`Target::Name`] matches a path exactly or as a dotted suffix: `query` matches `query` and
+//!   `….mha.query`, but not `….subquery`.
+//! - [`Target::Regex`] must match the **whole** path. It is its own variant, so a name in a list
+//!   is never read as a regex by accident (a common PEFT surprise).
+//! - [`Target::AllLinear`] selects every linear layer by its module type, whatever its name, and
+//!   [`Target::ModuleType`] every module of one type (`Embedding`, `Conv2d`, `Linear`...).
+//! - [`Targets::exclude`] removes matches; [`Targets::layers_to_transform`] keeps only the
+//!   layers with the given indices, read from the path segment after
+//!   [`Targets::layers_pattern`] (`layers.3`, `h.3`, `blocks.3`).
+//!
+//! This file holds the targets as data; `matcher` compiles them. It knows about paths and
+//! nothing about tensors.
+
+use burn::config::Config;
+
+/// One entry of [`Targets`].
+#[derive(Config, Debug, PartialEq)]
+pub enum Target {
+    /// A module name: matches a path equal to it or ending in `.` + name (PEFT's rule).
+    Name(String),
+    /// Several spellings of the same module, such as Burn's `query` and Hugging Face's
+    /// `q_proj`. It matches where any of them does, and it counts as matched when one did, so a
+    /// preset that covers both naming schemes does not fail on a model that uses only one.
+    AnyName(Vec<String>),
+    /// A regular expression that must match the whole module path, e.g.
+    /// `layers\.[0-3]\.mha\.(query|value)`.
+    Regex(String),
+    /// Every linear layer (`Linear` or `LoraLinear`), found by module type, not by name.
+    AllLinear,
+    /// Every module whose type is this one, as its struct is named: `Embedding`, `Conv2d`,
+    /// `Linear`, `LoraLinear`. LoRA adapts linear layers, embeddings and 2-D convolutions.
+    ModuleType(String),
+}
+
+impl Target {
+    /// The target as written in reports and errors: `` `query` ``, `` `query` | `q_proj` ``,
+    /// `regex /…/` or `all linear layers`.
+    pub fn label(&self) -> String {
+        match self {
+            Target::Regex(pattern) => format!("regex /{pattern}/"),
+            Target::AllLinear => "all linear layers".to_string(),
+            Target::ModuleType(module_type) => format!("every `{module_type}`"),
+            _ => {
+                let quoted: Vec<String> = self
+                    .names()
+                    .iter()
+                    .map(|name| format!("`{name}`"))
+                    .collect();
+                quoted.join(" | ")
+            }
+        }
+    }
+
+    /// The names this target looks for, used to suggest paths when it matched nothing.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            Target::Name(name) => vec![name.as_str()],
+            Target::AnyName(names) => names.iter().map(String::as_str).collect(),
+            Target::Regex(pattern) => vec![pattern.as_str()],
+            Target::AllLinear => Vec::new(),
+            Target::ModuleType(module_type) => vec![module_type.as_str()],
+        }
+    }
+
+    /// Whether this target names modules by type rather than by path.
+    pub fn is_by_type(&self) -> bool {
+        matches!(self, Target::AllLinear | Target::ModuleType(_))
+    }
+}
+
+/// The modules to adapt: PEFT's `target_modules`, `exclude_modules`, `layers_to_transform` and
+/// `layers_pattern`.
+///
+/// Build it from names, or start from a preset:
+///
+/// ```
+/// use burn_lora::{Target, Targets};
+///
+/// let attention = Targets::attention(); // Q, K, V and O, in Burn's and Hugging Face's names
+/// assert!(attention.matches("encoder.layers.0.mha.value"));
+///
+/// let qv = Targets::names(["q_proj", "v_proj"]);
+/// assert!(qv.matches("model.layers.0.self_attn.q_proj"));
+/// assert!(!qv.matches("model.layers.0.self_attn.k_proj"));
+///
+/// // The first two layers only, every linear layer but the output head.
+/// let early = Targets::all_linear()
+///     .excluding(["lm_head"])
+///     .with_layers_to_transform(Some(vec![0, 1]))
+///     .with_layers_pattern(Some(vec!["layers".into()]));
+/// assert!(early.matches("layers.1.mlp.fc1"));
+/// assert!(!early.matches("layers.2.mlp.fc1"));
+/// assert!(!early.matches("lm_head"));
+///
+/// let regex = Targets::new(vec![Target::Regex(r"layers\.[0-3]\.attn\.(query|value)".into())]);
+/// assert!(regex.matches("layers.3.attn.value"));
+/// assert!(!regex.matches("layers.4.attn.value"));
+/// ```
+#[derive(Config, Debug, PartialEq)]
+pub struct Targets {
+    /// The targets; a module is adapted when any of them matches its path.
+    pub include: Vec<Target>,
+    /// Modules never adapted, even when an `include` target matches them.
+    #[config(default = "Vec::new()")]
+    pub exclude: Vec<Target>,
+    /// Only adapt modules in these layers (by index). `None` adapts every layer.
+    #[config(default = "None")]
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// The path segments that hold the layer list (`layers`, `h`, `blocks`); the index is the
+    /// segment after one of them. `None` takes the first numeric segment of the path.
+    #[config(default = "None")]
+    pub layers_pattern: Option<Vec<String>>,
+}
+
+impl Targets {
+    /// Targets from plain module names, each matched exactly or as a dotted suffix.
+    pub fn names<I, S>(names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::new(
+            names
+                .into_iter()
+                .map(|name| Target::Name(name.into()))
+                .collect(),
+        )
+    }
+
+    /// The attention projections Q, K, V and O.
+    ///
+    /// Each matches Burn's `MultiHeadAttention` field (`query`, `key`, `value`, `output`) or the
+    /// Hugging Face name (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
+    pub fn attention() -> Self {
+        Self::new(vec![
+            any_of(&["query", "q_proj"]),
+            any_of(&["key", "k_proj"]),
+            any_of(&["value", "v_proj"]),
+            any_of(&["output", "o_proj"]),
+        ])
+    }
+
+    /// The LoRA paper's default: the query and value projections only.
+    pub fn attention_qv() -> Self {
+        Self::new(vec![
+            any_of(&["query", "q_proj"]),
+            any_of(&["value", "v_proj"]),
+        ])
+    }
+
+    /// The feed-forward layers: Burn's `linear_inner` and `linear_outer`, and Hugging Face's
+    /// `gate_proj`, `up_proj`, `down_proj`, `fc1` and `fc2`. One target, matched when any of
+    /// them is there.
+    pub fn feed_forward() -> Self {
+        Self::new(vec![any_of(&[
+            "linear_inner",
+            "linear_outer",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "fc1",
+            "fc2",
+        ])])
+    }
+
+    /// Every linear layer, by module type. Add the output head to [`exclude`](Self::exclude)
+    /// with [`excluding`](Self::excluding): PEFT's `all-linear` leaves it out too.
+    pub fn all_linear() -> Self {
+        Self::new(vec![Target::AllLinear])
+    }
+
+    /// These targets, with more names to exclude.
+    pub fn excluding<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.exclude
+            .extend(names.into_iter().map(|name| Target::Name(name.into())));
+        self
+    }
+}
+
+/// The layer index in `path`: the numeric segment after one of `patterns`, or the first numeric
+/// segment when there are no patterns.
+pub fn layer_index(path: &str, patterns: Option<&[String]>) -> Option<usize> {
+    let segments: Vec<&str> = path.split('.').collect();
+    match patterns {
+        None => segments.iter().find_map(|segment| segment.parse().ok()),
+        Some(patterns) => segments.windows(2).find_map(|pair| {
+            patterns
+                .iter()
+                .any(|pattern| pattern == pair[0])
+                .then(|| pair[1].parse().ok())
+                .flatten()
+        }),
+    }
+}
+
+fn any_of(names: &[&str]) -> Target {
+    Target::AnyName(names.iter().map(|name| name.to_string()).collect())
+}
