@@ -281,3 +281,16 @@ pub enum LoraError {
         adapter: String,
     },
 }
+
+impl LoraError {
+    /// [`LoraError::RankTooLarge`] for a rank over `min(d_in, d_out)` on the layer at `path`.
+    pub(crate) fn rank_too_large(path: &str, rank: usize, d_in: usize, d_out: usize) -> Self {
+        Self::RankTooLarge {
+            path: path.to_string(),
+            rank,
+            max_rank: d_in.min(d_out),
+            d_in,
+            d_out,
+        }
+    }
+}

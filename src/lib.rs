@@ -99,8 +99,8 @@ pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern, Target, Target
 pub use error::LoraError;
 pub use layers::{LoraLinear, LoraLinearConfig, MixedBatch, nn};
 pub use model::{
-    AdaptedLayer, AdapterInfo, Combination, CombineReport, CombinedLayer, LoraModule, LoraReport,
-    SkippedModule, TargetMatch,
+    AdaptedLayer, AdapterInfo, Combination, CombineReport, CombinedLayer, InitProgress, LoraModule,
+    LoraReport, SkippedModule, TargetMatch,
 };
 pub use variants::{
     LoraPlusConfig, QuantizedMerge, QuantizedMergeReport, merge_quantized, quantize_base,

@@ -39,10 +39,53 @@ impl LoraConfig {
     /// An invalid config ([`validate`](Self::validate)), a target that matches nothing, a rank
     /// larger than a target allows, or a model that already carries adapters.
     pub fn apply<M: Module>(&self, model: M) -> Result<(M, LoraReport), LoraError> {
+        self.apply_with_progress(model, &mut |_| {})
+    }
+
+    /// [`apply`](Self::apply), calling `progress` after each layer's adapter is initialized.
+    /// PiSSA and OLoRA factor every weight, seconds each for wide ones: this is the place to
+    /// show a progress bar.
+    ///
+    /// ```
+    /// # use burn::nn::{Linear, LinearConfig};
+    /// # use burn::prelude::*;
+    /// use burn_lora::{LoraConfig, LoraInit, Targets};
+    /// # fn main() -> Result<(), burn_lora::LoraError> {
+    /// # let model: Linear = LinearConfig::new(32, 32).init(&Device::default());
+    /// let config = LoraConfig::new(4)
+    ///     .with_init(LoraInit::PissaNiter(4))
+    ///     .with_targets(Targets::all_linear());
+    /// let (model, _) = config.apply_with_progress(model, &mut |step| {
+    ///     eprintln!("[{}/{}] {}", step.done, step.total, step.path);
+    /// })?;
+    /// # let _ = model;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`apply`](Self::apply).
+    pub fn apply_with_progress<M: Module>(
+        &self,
+        model: M,
+        progress: &mut dyn FnMut(&InitProgress),
+    ) -> Result<(M, LoraReport), LoraError> {
         // `apply` is for a model without adapters; `add_adapter` adds to one that has some.
         plan(self, &model)?;
-        add_adapter(&model, DEFAULT_ADAPTER, self)
+        add_adapter(&model, DEFAULT_ADAPTER, self, progress)
     }
+}
+
+/// Where attaching an adapter is: the adapter of one more layer was initialized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitProgress {
+    /// The layers initialized so far, this one included.
+    pub done: usize,
+    /// The layers to initialize in all.
+    pub total: usize,
+    /// Module path of the layer just initialized.
+    pub path: String,
 }
 
 /// The plan of [`LoraConfig::plan`].
@@ -79,21 +122,23 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
         .iter()
         .map(|target| (target, target.label()))
         .collect();
+    let labelled =
+        |kind: &str, target: &Target, value: String| format!("{kind} {} ({value})", target.label());
     let rank_offset = patterns.len();
     patterns.extend(config.rank_pattern.iter().map(|pattern| {
-        let label = format!(
-            "rank_pattern {} (r={})",
-            pattern.target.label(),
-            pattern.rank
+        let label = labelled(
+            "rank_pattern",
+            &pattern.target,
+            format!("r={}", pattern.rank),
         );
         (&pattern.target, label)
     }));
     let alpha_offset = patterns.len();
     patterns.extend(config.alpha_pattern.iter().map(|pattern| {
-        let label = format!(
-            "alpha_pattern {} (alpha={})",
-            pattern.target.label(),
-            pattern.alpha
+        let label = labelled(
+            "alpha_pattern",
+            &pattern.target,
+            format!("alpha={}", pattern.alpha),
         );
         (&pattern.target, label)
     }));
@@ -146,13 +191,7 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
         };
         let (d_in, d_out) = site.factor_dims();
         if rank > d_in.min(d_out) {
-            return Err(LoraError::RankTooLarge {
-                path: module_path.to_string(),
-                rank,
-                max_rank: d_in.min(d_out),
-                d_in,
-                d_out,
-            });
+            return Err(LoraError::rank_too_large(module_path, rank, d_in, d_out));
         }
         for index in matched {
             report.targets[index].matched.push(module_path.to_string());
@@ -242,6 +281,7 @@ pub(crate) fn add_adapter<M: Module>(
     model: &M,
     name: &str,
     config: &LoraConfig,
+    progress: &mut dyn FnMut(&InitProgress),
 ) -> Result<(M, LoraReport), LoraError> {
     config.validate()?;
     let snapshot = Snapshot::take(model)?;
@@ -277,6 +317,11 @@ pub(crate) fn add_adapter<M: Module>(
             residuals.insert(path.clone(), residual.cast(float_dtype(base.dtype())));
         }
         adapters.push((path.clone(), adapter.with_trainable(first)));
+        progress(&InitProgress {
+            done: adapters.len(),
+            total: report.layers.len(),
+            path: layer.path.clone(),
+        });
     }
     Ok((attach_adapters(snapshot, adapters, residuals), report))
 }

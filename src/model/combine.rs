@@ -113,13 +113,7 @@ pub(crate) fn combine(
                 return Err(LoraError::ZeroRank);
             }
             if rank > d_in.min(d_out) {
-                return Err(LoraError::RankTooLarge {
-                    path: path.to_string(),
-                    rank,
-                    max_rank: d_in.min(d_out),
-                    d_in,
-                    d_out,
-                });
+                return Err(LoraError::rank_too_large(path, rank, d_in, d_out));
             }
             linalg::truncated_factors(exact_a.as_ref(), exact_b.as_ref(), rank)
         }

@@ -17,6 +17,7 @@ mod report;
 pub(crate) mod snapshot;
 pub(crate) mod survey;
 
+pub use attach::InitProgress;
 pub use combine::{Combination, CombineReport, CombinedLayer};
 pub use module::{AdapterInfo, LoraModule};
 pub use report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use super::attach::{add_adapter, attach_adapters};
+use super::attach::{InitProgress, add_adapter, attach_adapters};
 use super::combine::{self, Combination, CombineReport};
 use super::report::LoraReport;
 use super::snapshot::Snapshot;
@@ -112,6 +112,19 @@ pub trait LoraModule: Module + Sized {
     /// [`LoraError::AdapterExists`], and everything [`LoraConfig::apply`] refuses.
     fn add_adapter(&self, name: &str, config: &LoraConfig)
     -> Result<(Self, LoraReport), LoraError>;
+
+    /// [`add_adapter`](Self::add_adapter), calling `progress` after each layer's adapter is
+    /// initialized (see [`LoraConfig::apply_with_progress`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`add_adapter`](Self::add_adapter).
+    fn add_adapter_with_progress(
+        &self,
+        name: &str,
+        config: &LoraConfig,
+        progress: &mut dyn FnMut(&InitProgress),
+    ) -> Result<(Self, LoraReport), LoraError>;
 
     /// Make exactly the adapters in `names` active; their outputs add up in the forward pass.
     /// As in PEFT, the active adapters become trainable and the others frozen; call
@@ -240,7 +253,16 @@ impl<M: Module> LoraModule for M {
         name: &str,
         config: &LoraConfig,
     ) -> Result<(Self, LoraReport), LoraError> {
-        add_adapter(self, name, config)
+        add_adapter(self, name, config, &mut |_| {})
+    }
+
+    fn add_adapter_with_progress(
+        &self,
+        name: &str,
+        config: &LoraConfig,
+        progress: &mut dyn FnMut(&InitProgress),
+    ) -> Result<(Self, LoraReport), LoraError> {
+        add_adapter(self, name, config, progress)
     }
 
     fn set_active(&self, names: &[&str]) -> Result<Self, LoraError> {
