@@ -86,6 +86,29 @@ pub enum LoraError {
         kind: String,
     },
 
+    /// One weight sits at several paths of the model (a layer shared by two places), and the
+    /// operation would attach, change or fold adapters there. Adapt the layer once, or give
+    /// each place its own copy.
+    #[error(
+        "the weight at `{}` is shared with {}; burn-lora adapts a weight at one path only",
+        .paths[0], .paths[1..].join(", ")
+    )]
+    SharedWeight {
+        /// Every path of the shared weight.
+        paths: Vec<String>,
+    },
+
+    /// An adapter built by combining others would hold NaN or Inf in its dtype.
+    #[error(
+        "the combined adapter `{adapter}` on `{path}` would hold NaN or Inf; nothing was added"
+    )]
+    NonFiniteCombination {
+        /// Module path of the layer.
+        path: String,
+        /// The new adapter's name.
+        adapter: String,
+    },
+
     /// Merging would put NaN or Inf into a weight (PEFT's `safe_merge`).
     #[error(
         "merging adapter `{adapter}` into `{path}` would produce NaN or Inf; nothing was merged"
@@ -272,8 +295,9 @@ pub enum LoraError {
         back: String,
     },
 
-    /// An adapter to save holds NaN or Inf.
-    #[error("adapter `{adapter}` on `{path}` holds NaN or Inf; refusing to save it")]
+    /// An adapter holds NaN or Inf: one to save, or a new DoRA magnitude that overflows the
+    /// weight's dtype.
+    #[error("adapter `{adapter}` on `{path}` holds NaN or Inf; refusing it")]
     NonFiniteAdapter {
         /// Module path of the layer.
         path: String,

@@ -510,13 +510,8 @@ fn variants_refuse_what_they_cannot_do() {
             if what.contains("pissa") && what.contains("embedding") && path == "embed"),
         "{error}"
     );
-    // DoRA adapters do not serve mixed batches, nor combine.
+    // DoRA adapters do not combine.
     let (model, _) = dora().apply(projections(&device)).unwrap();
-    let error = model.mixed_batch(&[Some("default"), None]).unwrap_err();
-    assert!(
-        matches!(&error, LoraError::UnsupportedVariant { what, .. } if what.contains("mixed")),
-        "{error}"
-    );
     let error = model
         .add_weighted_adapter(
             &[("default", 1.0)],
@@ -564,4 +559,46 @@ fn fast_pissa_is_close_to_exact_pissa() {
     let error = fast.error_vs_max(&exact);
     assert!(error <= 1e-4, "fast PiSSA's s·A·B is off by {error}");
     assert_eq!(LoraInit::PissaNiter(4).peft_name(), "pissa_niter_4");
+}
+
+#[test]
+fn a_dora_adapter_serves_its_own_samples_of_a_mixed_batch() {
+    let device = Device::flex();
+    device.seed(7);
+    let (model, _) = dora().apply(projections(&device)).unwrap();
+    // A trained adapter: B and the magnitude away from their starting values.
+    let model = randomize(randomize(model, "lora_b", 0.3), "magnitude", 0.5);
+    let (model, _) = model
+        .add_adapter(
+            "plain",
+            &LoraConfig::new(2).with_targets(Targets::attention_qv()),
+        )
+        .unwrap();
+    let model = randomize(model, "adapters.1.lora_b", 0.3);
+    let x = Tensor::<2>::random([3, D_IN], Distribution::Default, &device);
+    let batch = model
+        .mixed_batch(&[Some("default"), None, Some("plain")])
+        .unwrap();
+    let mixed = model.query.forward_mixed(x.clone(), &batch);
+    // Each sample alone, with only its adapter active (or none), through the plain forward.
+    let alone = |name: Option<&str>, row: usize| {
+        let model = match name {
+            Some(name) => model.set_active(&[name]).unwrap(),
+            None => model.disable_adapters().unwrap(),
+        };
+        model.query.forward(x.clone().narrow(0, row, 1))
+    };
+    let expected = Tensor::cat(
+        vec![
+            alone(Some("default"), 0),
+            alone(None, 1),
+            alone(Some("plain"), 2),
+        ],
+        0,
+    );
+    // f32 rounding of a few products of size ~1.
+    mixed.into_data().assert_approx_eq::<f32>(
+        &expected.into_data(),
+        burn::tensor::Tolerance::absolute(1e-5),
+    );
 }

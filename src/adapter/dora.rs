@@ -32,9 +32,15 @@ pub(crate) fn output_norms(weight: &Tensor<2>) -> Tensor<1> {
         .reshape([d_out])
 }
 
-/// `m / ‖adapted‖`, in f32, the norm detached: the factor each output feature is scaled by.
+/// The smallest norm DoRA divides by. An output feature whose weights are all zero (pruned,
+/// or zero-initialised) has norm 0; its magnitude starts at 0 too, so `0 / ε` keeps it at 0
+/// instead of NaN.
+const NORM_FLOOR: f64 = 1e-12;
+
+/// `m / ‖adapted‖`, in f32, the norm detached and floored: the factor each output feature is
+/// scaled by.
 pub(crate) fn magnitude_factor(magnitude: Tensor<1>, adapted: &Tensor<2>) -> Tensor<1> {
-    magnitude.cast(FloatDType::F32) / output_norms(&adapted.clone().detach())
+    magnitude.cast(FloatDType::F32) / output_norms(&adapted.clone().detach()).clamp_min(NORM_FLOOR)
 }
 
 /// How DoRA changes the weight `base`: `(W + Δ)·diag(m / ‖W + Δ‖) − W`.
@@ -66,13 +72,13 @@ pub(crate) fn merge(
     magnitude: Tensor<1>,
 ) -> (Tensor<2>, Tensor<1>) {
     let adapted = weight + delta;
-    let norms = output_norms(&adapted);
+    let norms = output_norms(&adapted).clamp_min(NORM_FLOOR);
     let factor = magnitude.cast(FloatDType::F32) / norms.clone();
     (adapted * factor.unsqueeze_dim(0), norms)
 }
 
 /// `weight` with a merged DoRA update taken back out: `W = W' / diag(m / n) − Δ`, with the
-/// norms `n` the merge recorded.
+/// norms `n` the merge recorded. A zero magnitude makes this NaN; the caller checks.
 pub(crate) fn unmerge(
     weight: Tensor<2>,
     delta: Tensor<2>,

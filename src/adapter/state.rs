@@ -33,6 +33,11 @@ pub struct LoraState {
     /// False while [`disable_adapters`](crate::LoraModule::disable_adapters) is in force: the
     /// layer then computes with its base weight alone.
     pub enabled: bool,
+    /// While adapters are merged: the stored base as it was before the merge (factor layout,
+    /// its own dtype), which unmerging restores bit for bit. A constant, like the `merged`
+    /// flags: not a parameter, not in records. It costs one copy of the weight while merged;
+    /// [`merge_and_unload_lora`](crate::LoraModule::merge_and_unload_lora) keeps none.
+    pub merged_base: Option<Tensor<2>>,
 }
 
 impl Reparameterization for LoraState {
@@ -70,6 +75,7 @@ impl LoraState {
         Self {
             adapters,
             enabled: true,
+            merged_base: None,
         }
     }
 
@@ -132,10 +138,13 @@ impl LoraState {
     }
 
     /// The base (factor layout `[d_in, d_out]`) with the adapters at `adapters` merged in
-    /// (`merge`) or taken out (`!merge`), computed in f32 and cast back to the base's dtype.
-    /// Adapters merge in order and unmerge in reverse order, so DoRA adapters, whose merge
-    /// depends on the weight they merge into, come back out exactly. Records each merged DoRA
-    /// adapter's norms in it. Refuses a result with NaN or Inf.
+    /// (`merge`) or taken out (`!merge`).
+    ///
+    /// A merge computes in f32, casts back to the base's dtype and refuses a result with NaN or
+    /// Inf in that dtype (an f16 weight overflows past 65504). It keeps the base it merged into,
+    /// and unmerging the merged adapters restores that copy exactly: no rounding drift, whatever
+    /// the dtype, DoRA included. Without a copy (a state assembled by hand), unmerging computes
+    /// in reverse order, `W − s·A·B` (DoRA: `W'·diag(n / m) − s·A·B` with the recorded norms).
     pub(crate) fn fold_into_base(
         &mut self,
         path: &str,
@@ -143,7 +152,14 @@ impl LoraState {
         adapters: &[usize],
         merge: bool,
     ) -> Result<Tensor<2>, LoraError> {
-        let dtype = base.dtype();
+        if !merge && let Some(original) = self.merged_base.take() {
+            for &index in adapters {
+                self.adapters[index].merged_norm = None;
+            }
+            return Ok(original);
+        }
+        let dtype = float_dtype(base.dtype());
+        let stored = base.clone();
         let mut weight = to_f32(base);
         let order: Vec<usize> = match merge {
             true => adapters.to_vec(),
@@ -155,7 +171,14 @@ impl LoraState {
                 true => adapter.merge_into(weight),
                 false => adapter.unmerge_from(weight, path)?,
             };
-            if !updated.clone().is_finite().all().into_scalar::<bool>() {
+            // Checked in the dtype the base is stored in: a sum finite in f32 can overflow f16.
+            if !updated
+                .clone()
+                .cast(dtype)
+                .is_finite()
+                .all()
+                .into_scalar::<bool>()
+            {
                 return Err(LoraError::NonFiniteMerge {
                     path: path.to_string(),
                     adapter: adapter.name.clone(),
@@ -163,6 +186,9 @@ impl LoraState {
             }
             weight = updated;
         }
-        Ok(weight.cast(float_dtype(dtype)))
+        if merge && self.merged_base.is_none() {
+            self.merged_base = Some(stored);
+        }
+        Ok(weight.cast(dtype))
     }
 }

@@ -65,6 +65,10 @@ pub struct ResidualInit {
     pub lora_b: Tensor<2>,
     /// The init's name in PEFT's `init_lora_weights`: `"pissa"` or `"olora"`.
     pub method: String,
+    /// The original base `W` (factor layout, its own dtype), which
+    /// [`unload_lora`](crate::LoraModule::unload_lora) restores bit for bit. A constant, not in
+    /// records.
+    pub base: Tensor<2>,
 }
 
 impl Adapter {

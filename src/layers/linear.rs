@@ -140,8 +140,7 @@ impl LoraLinear {
             state.adapters.iter().all(|adapter| !adapter.merged),
             "forward_mixed needs unmerged adapters; call unmerge_lora first"
         );
-        let output = linear(input.clone(), weight, bias);
-        state.forward_mixed(input, output, batch)
+        state.forward_mixed(input, weight, bias, batch)
     }
 }
 

@@ -6,9 +6,11 @@
 //! without adapter) and runs two batched matmuls, so its cost does not grow with the number of
 //! adapters, and no activation is copied or scattered.
 
+use burn::tensor::module::linear;
 use burn::tensor::ops::PadMode;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
+use crate::adapter::layout::to_f32;
 use crate::adapter::{Adapter, LoraState};
 
 /// Which adapter each sample of a batch uses, ready for
@@ -64,10 +66,30 @@ impl MixedBatch {
     pub fn adapters(&self) -> &[String] {
         &self.adapters
     }
+
+    /// 1 for the samples routed to batch slot `slot`, 0 for the others, shaped
+    /// `[batch, 1, ..., 1]` to scale an output of rank `D`.
+    fn mask<const D: usize>(&self, slot: usize, dtype: DType) -> Tensor<D> {
+        let mut shape = [1; D];
+        shape[0] = self.batch_size;
+        self.slots
+            .clone()
+            .equal_elem(slot as i64)
+            .float()
+            .cast(dtype)
+            .reshape(shape)
+    }
 }
 
 impl LoraState {
-    /// Add, to each sample of the base output `y`, the output of that sample's adapter.
+    /// The output of a linear layer with stored weight `weight` and `bias` for a batch whose
+    /// samples each run through their own adapter: `x·W + b + sᵢ·(dropout(x)·Aᵢ)·Bᵢ` for
+    /// sample `i`, or `x·W + b` for a sample without adapter or whose adapter this layer lacks.
+    ///
+    /// Plain LoRA adapters share two batched matmuls (their factors stacked, padded to the
+    /// largest rank, gathered per sample). A DoRA adapter's update depends on the whole weight,
+    /// so it is computed for the batch and kept for its own samples only, as
+    /// [`forward`](Self::forward) computes it.
     ///
     /// Activity and [`disable_adapters`](crate::LoraModule::disable_adapters) do not apply: the
     /// batch names the adapters. Dropout, in training, is that of the first adapter present.
@@ -75,11 +97,13 @@ impl LoraState {
     /// # Shapes
     ///
     /// - input: `[batch, ..., d_in]`
-    /// - output: `[batch, ..., d_out]`, returned with the same shape
+    /// - weight: `[d_in, d_out]`
+    /// - output: `[batch, ..., d_out]`
     pub fn forward_mixed<const D: usize>(
         &self,
         input: Tensor<D>,
-        output: Tensor<D>,
+        weight: Tensor<2>,
+        bias: Option<Tensor<1>>,
         batch: &MixedBatch,
     ) -> Tensor<D> {
         let present: Vec<Option<&Adapter>> = batch
@@ -87,6 +111,45 @@ impl LoraState {
             .iter()
             .map(|name| self.adapter(name))
             .collect();
+        let base_output = linear(input.clone(), weight.clone(), None);
+        let output = match bias.clone() {
+            Some(bias) => base_output.clone() + bias.unsqueeze(),
+            None => base_output.clone(),
+        };
+        let plain: Vec<Option<&Adapter>> = present
+            .iter()
+            .map(|adapter| adapter.filter(|adapter| !adapter.is_dora()))
+            .collect();
+        let output = self.low_rank_mixed(input.clone(), output, &plain, batch);
+        // DoRA adapters: each one's update for the whole batch, kept for its own samples.
+        let stored = to_f32(weight.clone().detach());
+        present
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, adapter)| adapter.filter(|a| a.is_dora()).map(|a| (slot, a)))
+            .fold(output, |output, (slot, adapter)| {
+                let magnitude = adapter.magnitude.as_ref().expect("a DoRA adapter").val();
+                let update = adapter.dora_output(
+                    magnitude,
+                    input.clone(),
+                    &weight,
+                    &stored,
+                    base_output.clone(),
+                );
+                let dtype = update.dtype();
+                output + update * batch.mask::<D>(slot, dtype)
+            })
+    }
+
+    /// `output` plus each sample's plain low-rank update, `present` giving each batch slot's
+    /// adapter (or none).
+    fn low_rank_mixed<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        output: Tensor<D>,
+        present: &[Option<&Adapter>],
+        batch: &MixedBatch,
+    ) -> Tensor<D> {
         let Some(first) = present.iter().flatten().next() else {
             return output;
         };

@@ -14,7 +14,7 @@ use burn::tensor::{DType, Tensor};
 
 use super::report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
 use super::snapshot::Snapshot;
-use super::survey::{Survey, weight_path_of};
+use super::survey::{Survey, module_path_of, weight_path_of};
 use crate::adapter::init::{self, Site};
 use crate::adapter::layout::float_dtype;
 use crate::adapter::{Adapter, DEFAULT_ADAPTER, LoraState, ResidualInit};
@@ -208,6 +208,19 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
             fast_path: site.owner == "LoraLinear",
         });
     }
+    // One weight at several paths would get one adapter per path, and stop being shared.
+    let planned: Vec<String> = report
+        .layers
+        .iter()
+        .map(|l| weight_path_of(&l.path))
+        .collect();
+    if let Some(paths) = survey
+        .aliases(|_| true)
+        .into_iter()
+        .find(|paths| paths.iter().any(|path| planned.contains(path)))
+    {
+        return Err(LoraError::SharedWeight { paths });
+    }
     // A module whose weight was adapted is not a skip, even if its bias was named too.
     let adapted: Vec<String> = report.layers.iter().map(|l| l.path.clone()).collect();
     report
@@ -293,9 +306,22 @@ pub(crate) fn add_adapter<M: Module>(
         .iter()
         .map(|layer| weight_path_of(&layer.path))
         .collect();
+    snapshot.refuse_beside_residual(name)?;
     if config.init.rewrites_base() {
         // The residual is taken from the stored base, which must not hold a merged update.
         snapshot.require_unmerged("a PiSSA or OLoRA init")?;
+        // The other adapters would compute on the residual instead of the base they learned on.
+        if let Some((path, _)) = snapshot.states.first() {
+            return Err(LoraError::UnsupportedVariant {
+                what: format!(
+                    "the {} init on a model that already has adapters (it rewrites the base \
+                     they compute on); give it a model of its own",
+                    config.init.peft_name()
+                ),
+                path: module_path_of(path).to_string(),
+                adapter: name.to_string(),
+            });
+        }
     }
     let bases = snapshot.bases(&weight_paths);
     let mut adapters = Vec::with_capacity(report.layers.len());
@@ -372,6 +398,7 @@ fn new_adapter(
         lora_a: start.lora_a.clone(),
         lora_b: start.lora_b.clone(),
         method: config.init.peft_name(),
+        base: base.clone(),
     });
     let adapter = Adapter::new(
         name,
@@ -389,5 +416,11 @@ fn new_adapter(
     let stored = start.residual.clone().unwrap_or_else(|| base.clone());
     // Computed from the weight, it must not carry the weight's graph into a new leaf.
     let magnitude = adapter.initial_magnitude(&stored).cast(dtype).detach();
+    if !magnitude.clone().is_finite().all().into_scalar::<bool>() {
+        return Err(LoraError::NonFiniteAdapter {
+            path: layer.path.clone(),
+            adapter: name.to_string(),
+        });
+    }
     Ok((adapter.with_magnitude(magnitude), start.residual))
 }

@@ -5,6 +5,7 @@
 //! `V = [B₁; …; Bₖ]` gives `ΔW = U·V`, of rank at most `R = Σ rᵢ`: every combination works on
 //! these thin factors and never forms a `[d_in, d_out]` matrix.
 
+use burn::tensor::Tensor;
 use faer::Mat;
 
 use crate::LoraError;
@@ -128,10 +129,22 @@ pub(crate) fn combine(
     let device = first.lora_a.lazy_device();
     let dtype = float_dtype(first.lora_a.val().dtype());
     let rank = lora_a.ncols();
-    let adapter = Adapter::new(
-        name,
+    let (lora_a, lora_b) = (
         linalg::to_tensor(lora_a.as_ref(), &device).cast(dtype),
         linalg::to_tensor(lora_b.as_ref(), &device).cast(dtype),
+    );
+    // Large weights can overflow the factors' dtype (f16 past 65504).
+    let finite = |t: &Tensor<2>| t.clone().is_finite().all().into_scalar::<bool>();
+    if !finite(&lora_a) || !finite(&lora_b) {
+        return Err(LoraError::NonFiniteCombination {
+            path: path.to_string(),
+            adapter: name.to_string(),
+        });
+    }
+    let adapter = Adapter::new(
+        name,
+        lora_a,
+        lora_b,
         1.0,
         rank as f64,
         false,

@@ -92,7 +92,9 @@ pub trait LoraModule: Module + Sized {
     /// [`LoraError::NoAdapters`] and [`LoraError::NonFiniteMerge`].
     fn unload_lora(&self) -> Result<Self, LoraError>;
 
-    /// The adapters attached to the model, one entry per adapted weight and adapter.
+    /// The adapters attached to the model, one entry per adapted weight and adapter. A layer
+    /// placed at several paths is listed at each (the other operations refuse it with
+    /// [`LoraError::SharedWeight`]).
     fn lora_adapters(&self) -> Vec<AdapterInfo>;
 
     /// The distinct adapter names, in the order they were added.
@@ -214,9 +216,9 @@ impl<M: Module> LoraModule for M {
     }
 
     fn lora_adapters(&self) -> Vec<AdapterInfo> {
-        let Ok(snapshot) = Snapshot::take(self) else {
-            return Vec::new();
-        };
+        // Reading only: a shared layer is listed at each of its paths, and foreign
+        // reparameterizations are left out.
+        let snapshot = Snapshot::read(self);
         let mut infos = Vec::new();
         for (path, state) in &snapshot.states {
             for adapter in &state.adapters {
@@ -237,15 +239,11 @@ impl<M: Module> LoraModule for M {
     }
 
     fn adapter_names(&self) -> Vec<String> {
-        Snapshot::take(self)
-            .map(|snapshot| snapshot.adapter_names())
-            .unwrap_or_default()
+        Snapshot::read(self).adapter_names()
     }
 
     fn active_adapters(&self) -> Vec<String> {
-        Snapshot::take(self)
-            .map(|snapshot| snapshot.active_names())
-            .unwrap_or_default()
+        Snapshot::read(self).active_names()
     }
 
     fn add_adapter(
@@ -293,6 +291,8 @@ impl<M: Module> LoraModule for M {
     fn disable_adapters(&self) -> Result<Self, LoraError> {
         let snapshot = adapted_snapshot(self)?;
         snapshot.require_unmerged("disable_adapters")?;
+        // The stored base of a PiSSA or OLoRA layer is the residual, not the model's base.
+        snapshot.refuse_beside_residual("disable_adapters: the base alone")?;
         Ok(edit_states(snapshot, |state| LoraState {
             enabled: false,
             ..state
@@ -345,6 +345,7 @@ impl<M: Module> LoraModule for M {
             }
         }
         snapshot.require_new_name(name)?;
+        snapshot.refuse_beside_residual(name)?;
         snapshot.refuse_dora(
             |adapter| adapters.iter().any(|(source, _)| *source == adapter.name),
             "combining DoRA adapters (their magnitudes do not add)",
@@ -369,10 +370,6 @@ impl<M: Module> LoraModule for M {
             snapshot.require_adapter(name)?;
         }
         snapshot.require_unmerged("forward_mixed")?;
-        snapshot.refuse_dora(
-            |adapter| adapters.contains(&Some(adapter.name.as_str())),
-            "a DoRA adapter in a mixed batch (use forward with one active adapter)",
-        )?;
         let device = snapshot
             .states
             .first()
@@ -470,6 +467,12 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
         }
         for index in selected {
             state.adapters[index].merged = sign > 0.0;
+        }
+        if operation == Fold::Unload
+            && let Some(init) = state.adapters.iter().find_map(|a| a.residual_init.as_ref())
+        {
+            // A PiSSA or OLoRA init stored the residual; the base is the one it started from.
+            bases.insert(path.clone(), init.base.clone());
         }
         if keep {
             states.push((path.clone(), state));

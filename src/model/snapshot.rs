@@ -35,34 +35,51 @@ impl<M: Module> Snapshot<M> {
     ///
     /// [`LoraError::AlreadyAdapted`] when a weight carries a reparameterization that is not
     /// ours (Burn's `apply_lora`, say): detaching would fold it into its weight for good.
+    /// [`LoraError::SharedWeight`] when an adapted weight sits at several paths of the model:
+    /// rebuilding would give each path its own copy.
     pub fn take(model: &M) -> Result<Self, LoraError> {
-        let survey = Survey::of(model);
-        if let Some((path, kind)) = survey.foreign_reparameterization() {
+        let snapshot = Self::read(model);
+        if let Some((path, kind)) = snapshot.survey.foreign_reparameterization() {
             return Err(LoraError::AlreadyAdapted {
                 path: path.clone(),
                 kind: kind.clone(),
             });
         }
-        // `materialize` folds every reparameterization into its weight; with the capture on, ours
-        // record themselves and return the base unchanged instead.
+        let adapted: Vec<&String> = snapshot.states.iter().map(|(path, _)| path).collect();
+        if let Some(paths) = snapshot
+            .survey
+            .aliases(|site| adapted.contains(&&site.path))
+            .into_iter()
+            .next()
+        {
+            return Err(LoraError::SharedWeight { paths });
+        }
+        Ok(snapshot)
+    }
+
+    /// Take `model` apart to look at its adapters only. Foreign reparameterizations are folded
+    /// into the copy's weights, and a shared adapted weight appears once per path, so the
+    /// result must never be rebuilt: [`take`](Self::take) checks both.
+    pub fn read(model: &M) -> Self {
+        let survey = Survey::of(model);
+        // `materialize` folds every reparameterization into its weight; with the capture on,
+        // ours record themselves and return the base unchanged instead. It walks the model in
+        // the survey's order, so the states pair with the survey's paths by position.
         let (plain, states) = capturing::<LoraState, _>(|| model.clone().materialize());
+        debug_assert_eq!(states.len(), survey.states.len());
         let states = states
             .into_iter()
-            .map(|state| {
-                let id = state.adapters[0].lora_a.id;
-                let path = survey
-                    .state_paths
-                    .get(&id)
-                    .cloned()
-                    .expect("the survey sees every state that materialize captures");
-                (path, state)
+            .zip(&survey.states)
+            .map(|(state, (id, path))| {
+                debug_assert_eq!(state.adapters.first().map(|a| a.lora_a.id), Some(*id));
+                (path.clone(), state)
             })
             .collect();
-        Ok(Self {
+        Self {
             plain,
             survey,
             states,
-        })
+        }
     }
 
     /// Whether the model carried any adapter.
@@ -116,6 +133,30 @@ impl<M: Module> Snapshot<M> {
             }),
             false => Ok(()),
         }
+    }
+
+    /// [`LoraError::UnsupportedVariant`] when the model has an adapter whose init rewrote the
+    /// base (PiSSA, OLoRA): another adapter `name` beside it would compute on the residual
+    /// `W − s·A₀·B₀`, and switching between them would change each other's outputs.
+    pub fn refuse_beside_residual(&self, name: &str) -> Result<(), LoraError> {
+        for (path, state) in &self.states {
+            if let Some(adapter) = state.adapters.iter().find(|a| a.residual_init.is_some()) {
+                return Err(LoraError::UnsupportedVariant {
+                    what: format!(
+                        "another adapter (`{name}`) beside the {} adapter `{}`, whose init \
+                         rewrote the base; unload it first (unload_lora restores the base)",
+                        adapter
+                            .residual_init
+                            .as_ref()
+                            .map_or("", |init| init.method.as_str()),
+                        adapter.name
+                    ),
+                    path: module_path_of(path).to_string(),
+                    adapter: name.to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// [`LoraError::AdaptersMerged`] when any adapter is folded into its weight.

@@ -51,8 +51,9 @@ pub(crate) struct Survey {
     pub params: Vec<ParamSite>,
     /// Parameter path → name of the reparameterization it carries.
     pub reparameterized: HashMap<String, String>,
-    /// `lora_a` id of a state's first adapter → path of the weight carrying the state.
-    pub state_paths: HashMap<ParamId, String>,
+    /// `(lora_a id of the state's first adapter, path of the weight carrying it)` for each of
+    /// our states, in traversal order: the order `materialize` takes them off in.
+    pub states: Vec<(ParamId, String)>,
     pub base_params: usize,
 }
 
@@ -68,6 +69,23 @@ impl Survey {
         self.params
             .iter()
             .find(|site| site.path == weight_path && site.kind().is_some())
+    }
+
+    /// Weights whose parameter sits at several paths (a layer shared by two places of the
+    /// model), each as the list of its paths; `ids` picks which parameters to look at.
+    pub fn aliases(&self, ids: impl Fn(&ParamSite) -> bool) -> Vec<Vec<String>> {
+        let mut by_id: Vec<(ParamId, Vec<String>)> = Vec::new();
+        for site in self.params.iter().filter(|site| ids(site)) {
+            match by_id.iter_mut().find(|(id, _)| *id == site.id) {
+                Some((_, paths)) => paths.push(site.path.clone()),
+                None => by_id.push((site.id, vec![site.path.clone()])),
+            }
+        }
+        by_id
+            .into_iter()
+            .map(|(_, paths)| paths)
+            .filter(|paths| paths.len() > 1)
+            .collect()
     }
 
     /// The first reparameterization that is not ours, as `(weight path, its name)`.
@@ -158,7 +176,7 @@ impl ModuleVisitor for Surveyor {
             if name == LoraState::NAME
                 && path == format!("{weight_path}.{}.adapters.0.lora_a", name)
             {
-                self.survey.state_paths.insert(param.id, weight_path);
+                self.survey.states.push((param.id, weight_path));
             }
             return;
         }

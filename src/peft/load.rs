@@ -155,30 +155,35 @@ impl PeftAdapter {
     ) -> Result<(M, LoadReport), LoraError> {
         let snapshot = Snapshot::take(model)?;
         snapshot.require_new_name(name)?;
+        snapshot.refuse_beside_residual(name)?;
         let mut report = LoadReport {
             adapter: name.to_string(),
             ..Default::default()
         };
         let pairs = self.pair_tensors(&mut report);
-        let mut accepted = Vec::new();
+        let mut accepted: Vec<CheckedModule> = Vec::new();
         for (module, tensors) in &pairs {
-            if let Some(checked) =
-                self.check_module(&snapshot, module, tensors, options, &mut report)
-            {
-                accepted.push(checked);
+            let Some(checked) = self.check_module(&snapshot, module, tensors, options, &mut report)
+            else {
+                continue;
+            };
+            // A key map that sends two modules of the file to one layer would attach two
+            // adapters of one name there.
+            if let Some(first) = accepted.iter().find(|other| other.path == checked.path) {
+                for tensor in [Some(checked.a), Some(checked.b), checked.magnitude]
+                    .into_iter()
+                    .flatten()
+                {
+                    report.unexpected.push(format!(
+                        "{} (maps to `{}`, as `{}` does)",
+                        tensor.key, checked.path, first.loaded.peft_path
+                    ));
+                }
+                continue;
             }
+            accepted.push(checked);
         }
         self.check_coverage(&snapshot, &pairs, &options.key_map, &mut report);
-
-        if (options.strict && !report.is_clean()) || accepted.is_empty() {
-            if accepted.is_empty() && report.is_clean() {
-                report.notes.push("the file holds no LoRA tensors".into());
-            }
-            return Err(LoraError::AdapterMismatch {
-                path: self.source.clone(),
-                report: Box::new(report),
-            });
-        }
 
         let paths: Vec<String> = accepted.iter().map(|m| weight_path_of(&m.path)).collect();
         let bases = snapshot.bases(&paths);
@@ -198,21 +203,61 @@ impl PeftAdapter {
                     .transpose()
                     .cast(dtype)
             };
-            let mut adapter = Adapter::new(
-                name,
+            let (lora_a, lora_b) = (
                 factor(module.a, rank, module.d_in),
                 factor(module.b, module.d_out, rank),
+            );
+            let magnitude = module.magnitude.map(|magnitude| {
+                let data = values(magnitude, vec![module.d_out]);
+                (magnitude, Tensor::<1>::from_data(data, &device).cast(dtype))
+            });
+            // Finite in f32 is not enough: the layer's dtype (f16) may not hold the values.
+            let finite = |t: &Tensor<2>| t.clone().is_finite().all().into_scalar::<bool>();
+            let overflows: Vec<&HostTensor> = [
+                (!finite(&lora_a)).then_some(module.a),
+                (!finite(&lora_b)).then_some(module.b),
+                magnitude.as_ref().and_then(|(tensor, value)| {
+                    (!value.clone().is_finite().all().into_scalar::<bool>()).then_some(*tensor)
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if !overflows.is_empty() {
+                for tensor in overflows {
+                    report.non_finite.push(format!(
+                        "{} (overflows the layer's {:?})",
+                        tensor.key,
+                        base.dtype()
+                    ));
+                }
+                continue;
+            }
+            let mut adapter = Adapter::new(
+                name,
+                lora_a,
+                lora_b,
                 module.loaded.scale,
                 module.loaded.alpha,
                 self.config.use_rslora,
                 self.config.lora_dropout,
             );
-            if let Some(magnitude) = module.magnitude {
-                let data = values(magnitude, vec![module.d_out]);
-                adapter = adapter.with_magnitude(Tensor::<1>::from_data(data, &device).cast(dtype));
+            if let Some((_, magnitude)) = magnitude {
+                adapter = adapter.with_magnitude(magnitude);
             }
             report.loaded.push(module.loaded);
             adapters.push((path, adapter.with_trainable(options.trainable)));
+        }
+
+        if (options.strict && !report.is_clean()) || adapters.is_empty() {
+            if adapters.is_empty() && report.is_clean() {
+                report.notes.push("the file holds no LoRA tensors".into());
+            }
+            report.loaded.clear();
+            return Err(LoraError::AdapterMismatch {
+                path: self.source.clone(),
+                report: Box::new(report),
+            });
         }
         Ok((attach_adapters(snapshot, adapters, HashMap::new()), report))
     }
