@@ -257,6 +257,17 @@ pub enum LoraError {
         message: String,
     },
 
+    /// An adapter directory whose weights are not the ones its config was saved with (a save
+    /// was interrupted by a crash between its two files, or a file was replaced by hand).
+    #[error(
+        "{path}: adapter_model.safetensors does not match adapter_config.json (parts of two \
+         saves); save the adapter again"
+    )]
+    TornAdapter {
+        /// The adapter's directory.
+        path: String,
+    },
+
     /// An `adapter_config.json` with invalid JSON, a missing field or a field of the wrong type.
     #[error("{path}: invalid adapter config: {message}")]
     InvalidConfig {

@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 
 use super::config::{AdapterConfig, TargetModules};
-use super::files::{HostTensor, read_file, read_tensors};
+use super::files::{DIGEST_FIELD, HostTensor, digest, lock, read_file, read_tensors};
 use super::keys::{Factor, Key, KeyMap, factor_key, factor_segment, parse_key, peft_shapes};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::adapter::layout::float_dtype;
@@ -85,6 +85,8 @@ impl PeftAdapter {
         let dir = dir.as_ref();
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
+        // A save in progress holds the lock exclusively: read a pair it finished.
+        let _lock = lock(dir, false)?;
         let config = read_file(&config_path)?;
         if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
             return Err(LoraError::UnsupportedAdapter {
@@ -97,6 +99,7 @@ impl PeftAdapter {
             path: config_path.display().to_string(),
             message: "not UTF-8 text".into(),
         })?;
+        let weights = matching_weights(dir, &config, weights)?;
         let mut adapter = Self::from_bytes(&weights, &config, &dir.display().to_string())?;
         adapter.source = dir.display().to_string();
         Ok(adapter)
@@ -523,4 +526,36 @@ struct CheckedModule<'a> {
     d_in: usize,
     d_out: usize,
     loaded: LoadedModule,
+}
+
+/// The weights that go with `config`: `weights` when the config names no digest (a file PEFT
+/// wrote) or names theirs. A save that died between its two renames leaves the new weights
+/// beside the old config, and the old weights kept aside: those are the config's.
+///
+/// # Errors
+///
+/// [`LoraError::TornAdapter`] when neither matches.
+fn matching_weights(dir: &Path, config: &str, weights: Vec<u8>) -> Result<Vec<u8>, LoraError> {
+    let Some(expected) = serde_json::from_str::<serde_json::Value>(config)
+        .ok()
+        .and_then(|value| value.get(DIGEST_FIELD)?.as_str().map(str::to_string))
+    else {
+        return Ok(weights);
+    };
+    if digest(&weights) == expected {
+        return Ok(weights);
+    }
+    let kept_aside = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!(".{WEIGHTS_FILE}.")) && name.ends_with(".bak")
+        })
+        .filter_map(|entry| std::fs::read(entry.path()).ok())
+        .find(|bytes| digest(bytes) == expected);
+    kept_aside.ok_or_else(|| LoraError::TornAdapter {
+        path: dir.display().to_string(),
+    })
 }

@@ -8,7 +8,9 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 
 use super::config::{AdapterConfig, TargetModules};
-use super::files::{OutTensor, encode, io_error, write_atomically, write_tensors};
+use super::files::{
+    DIGEST_FIELD, OutTensor, digest, encode, io_error, lock, publish, write_tensors,
+};
 use super::keys::{Factor, KeyMap, factor_key, peft_shapes};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::config::scaling::alpha_for_scale;
@@ -143,15 +145,25 @@ pub(crate) fn save<M: Module>(
             adapter: name.to_string(),
         });
     }
-    let config = adapter_config(&snapshot, &entries, options);
+    let mut config = adapter_config(&snapshot, &entries, options);
     let weights_path = dir.join(WEIGHTS_FILE);
     let config_path = dir.join(CONFIG_FILE);
     let bytes = write_tensors(&tensors, &weights_path.display().to_string())?;
+    // The config names the weights it goes with, so a reader can tell a torn pair.
+    config
+        .extra
+        .insert(DIGEST_FIELD.to_string(), digest(&bytes).into());
     let text = config.to_json();
 
     fs::create_dir_all(dir).map_err(|error| io_error(dir, &error))?;
-    write_atomically(&weights_path, &bytes)?;
-    write_atomically(&config_path, text.as_bytes())?;
+    let _lock = lock(dir, true)?;
+    publish(
+        dir,
+        &[
+            (WEIGHTS_FILE, bytes.as_slice()),
+            (CONFIG_FILE, text.as_bytes()),
+        ],
+    )?;
     Ok(SavedAdapter {
         weights_path,
         config_path,
