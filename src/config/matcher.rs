@@ -5,8 +5,12 @@
 //! `target_modules`, `exclude_modules`, `rank_pattern` and `alpha_pattern` of a PEFT
 //! `adapter_config.json`, all compile to these types, so a path is selected by one rule
 //! whichever of them asked.
+//!
+//! Regexes follow Python's `re` dialect as far as PEFT's configs use it, lookarounds included
+//! (`fancy-regex`). A regex that gives up on a pathological path (its backtracking limit)
+//! matches nothing there.
 
-use regex::Regex;
+use fancy_regex::Regex;
 
 use super::targets::{Target, Targets, layer_index};
 use crate::LoraError;
@@ -55,7 +59,9 @@ pub(crate) enum CompiledTarget {
 }
 
 impl CompiledTarget {
-    /// The matcher of one `rank_pattern` or `alpha_pattern` key of a PEFT config.
+    /// The matcher of one `rank_pattern` or `alpha_pattern` key of a PEFT config. A key that
+    /// is no regex matches by equality (PEFT's own fallback);
+    /// [`pattern_key_checked`](Self::pattern_key_checked) refuses it instead.
     pub(crate) fn pattern_key(key: &str) -> Self {
         let suffix = anchored(&format!(r"(?:.*\.)?(?:{key})"), key).ok();
         CompiledTarget::PatternKey {
@@ -64,16 +70,29 @@ impl CompiledTarget {
         }
     }
 
+    /// [`pattern_key`](Self::pattern_key), with [`LoraError::InvalidRegex`] for a key that
+    /// does not compile.
+    pub(crate) fn pattern_key_checked(key: &str) -> Result<Self, LoraError> {
+        let suffix = anchored(&format!(r"(?:.*\.)?(?:{key})"), key)?;
+        Ok(CompiledTarget::PatternKey {
+            key: key.to_string(),
+            suffix: Some(suffix),
+        })
+    }
+
     /// Whether the target selects the module at `path` of type `module_type` (`Linear`,
     /// `LoraLinear`, `Embedding`, `Conv2d`...).
     pub(crate) fn matches_module(&self, path: &str, module_type: &str) -> bool {
         match self {
             CompiledTarget::Names(names) => names.iter().any(|name| name_matches(name, path)),
-            CompiledTarget::Regex(regex) => regex.is_match(path),
+            CompiledTarget::Regex(regex) => regex.is_match(path).unwrap_or(false),
             CompiledTarget::AllLinear => matches!(module_type, "Linear" | "LoraLinear"),
             CompiledTarget::ModuleType(wanted) => wanted == module_type,
             CompiledTarget::PatternKey { key, suffix } => {
-                key == path || suffix.as_ref().is_some_and(|regex| regex.is_match(path))
+                key == path
+                    || suffix
+                        .as_ref()
+                        .is_some_and(|regex| regex.is_match(path).unwrap_or(false))
             }
         }
     }
@@ -297,5 +316,19 @@ mod tests {
         let broken = CompiledTarget::pattern_key("q_proj(");
         assert!(broken.matches_module("q_proj(", ""));
         assert!(!broken.matches_module("layers.0.q_proj", ""));
+    }
+
+    #[test]
+    fn python_lookarounds_compile_and_match() {
+        // A real PEFT pattern: every q_proj except the first layer's.
+        let target = Target::Regex(r"^(?!.*layers\.0\.).*q_proj$".into())
+            .compile()
+            .unwrap();
+        assert!(target.matches_module("model.layers.1.self_attn.q_proj", "Linear"));
+        assert!(!target.matches_module("model.layers.0.self_attn.q_proj", "Linear"));
+        assert!(CompiledTarget::pattern_key_checked("q_proj(").is_err());
+        let key = CompiledTarget::pattern_key_checked(r"(?<=mlp\.)down_proj").unwrap();
+        assert!(key.matches_module("layers.3.mlp.down_proj", ""));
+        assert!(!key.matches_module("layers.3.attn.down_proj", ""));
     }
 }

@@ -315,6 +315,29 @@ impl AdapterConfig {
                 )));
             }
         }
+        // A pattern that does not compile would silently give its modules the default rank
+        // or alpha: refuse it, naming it.
+        let keys = self
+            .rank_pattern
+            .iter()
+            .map(|(key, _)| ("rank_pattern", key))
+            .chain(
+                self.alpha_pattern
+                    .iter()
+                    .map(|(key, _)| ("alpha_pattern", key)),
+            );
+        for (field, key) in keys {
+            if let Err(error) = CompiledTarget::pattern_key_checked(key) {
+                return Err(invalid(format!("`{field}` key \"{key}\": {error}")));
+            }
+        }
+        if let Some(targets) = self.targets()
+            && let Err(error) = targets.compile()
+        {
+            return Err(invalid(format!(
+                "`target_modules` or `exclude_modules`: {error}"
+            )));
+        }
         Ok(())
     }
 
@@ -420,7 +443,8 @@ impl AdapterConfig {
     }
 
     /// Whether the config selects the module at `peft_path` (its PEFT name); `None` when it
-    /// has no `target_modules` or holds a regex the regex engine cannot compile.
+    /// has no `target_modules` or holds a regex that does not compile (which
+    /// [`validate`](Self::validate) refuses).
     pub fn selects(&self, peft_path: &str) -> Option<bool> {
         let compiled = self.targets()?.compile().ok()?;
         Some(compiled.included_by_module(peft_path, "").is_some())
@@ -624,5 +648,29 @@ mod tests {
         );
         config.target_modules = Some(TargetModules::Regex("(".into()));
         assert_eq!(config.selects("q_proj"), None);
+    }
+
+    #[test]
+    fn a_pattern_that_does_not_compile_is_an_error() {
+        let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16"#;
+        for extra in [
+            r#""rank_pattern": {"q_proj(": 4}"#,
+            r#""alpha_pattern": {"[v_proj": 4}"#,
+            r#""target_modules": "q_proj)""#,
+        ] {
+            let error = AdapterConfig::from_json(&format!("{{{base}, {extra}}}"), "c").unwrap_err();
+            assert!(
+                matches!(error, LoraError::InvalidConfig { .. }),
+                "{extra}: {error}"
+            );
+        }
+        // Lookarounds, which PEFT's configs use, are fine.
+        let config = AdapterConfig::from_json(
+            &format!(r#"{{{base}, "rank_pattern": {{"(?<!layers\\.0\\.)q_proj": 2}}}}"#),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(config.rank_for("layers.1.q_proj").0, 2);
+        assert_eq!(config.rank_for("layers.0.q_proj").0, 8);
     }
 }
