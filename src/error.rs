@@ -134,7 +134,7 @@ pub enum LoraError {
     },
 
     /// A LoRA variant was asked for where it does not apply, such as a PiSSA init on an
-    /// embedding or a DoRA adapter in a mixed batch.
+    /// embedding or a DoRA adapter in a weighted combination.
     #[error("{what} is not supported (adapter `{adapter}` on `{path}`)")]
     UnsupportedVariant {
         /// What was asked for, and where it is supported instead.
