@@ -306,7 +306,7 @@ pub(crate) fn add_adapter<M: Module>(
         .iter()
         .map(|layer| weight_path_of(&layer.path))
         .collect();
-    snapshot.refuse_beside_residual(name)?;
+    snapshot.refuse_beside_residual("another adapter beside it", name)?;
     if config.init.rewrites_base() {
         // The residual is taken from the stored base, which must not hold a merged update.
         snapshot.require_unmerged("a PiSSA or OLoRA init")?;

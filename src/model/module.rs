@@ -292,7 +292,7 @@ impl<M: Module> LoraModule for M {
         let snapshot = adapted_snapshot(self)?;
         snapshot.require_unmerged("disable_adapters")?;
         // The stored base of a PiSSA or OLoRA layer is the residual, not the model's base.
-        snapshot.refuse_beside_residual("disable_adapters: the base alone")?;
+        snapshot.refuse_beside_residual("disable_adapters", "")?;
         Ok(edit_states(snapshot, |state| LoraState {
             enabled: false,
             ..state
@@ -345,7 +345,7 @@ impl<M: Module> LoraModule for M {
             }
         }
         snapshot.require_new_name(name)?;
-        snapshot.refuse_beside_residual(name)?;
+        snapshot.refuse_beside_residual("another adapter beside it", name)?;
         snapshot.refuse_dora(
             |adapter| adapters.iter().any(|(source, _)| *source == adapter.name),
             "combining DoRA adapters (their magnitudes do not add)",

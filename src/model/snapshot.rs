@@ -136,25 +136,27 @@ impl<M: Module> Snapshot<M> {
     }
 
     /// [`LoraError::UnsupportedVariant`] when the model has an adapter whose init rewrote the
-    /// base (PiSSA, OLoRA): another adapter `name` beside it would compute on the residual
-    /// `W − s·A₀·B₀`, and switching between them would change each other's outputs.
-    pub fn refuse_beside_residual(&self, name: &str) -> Result<(), LoraError> {
+    /// base (PiSSA, OLoRA): `operation` (another adapter beside it, or running the base alone)
+    /// would compute on the residual `W − s·A₀·B₀` instead of the model's base. `name` is the
+    /// adapter the operation concerns.
+    pub fn refuse_beside_residual(&self, operation: &str, name: &str) -> Result<(), LoraError> {
         for (path, state) in &self.states {
-            if let Some(adapter) = state.adapters.iter().find(|a| a.residual_init.is_some()) {
-                return Err(LoraError::UnsupportedVariant {
-                    what: format!(
-                        "another adapter (`{name}`) beside the {} adapter `{}`, whose init \
-                         rewrote the base; unload it first (unload_lora restores the base)",
-                        adapter
-                            .residual_init
-                            .as_ref()
-                            .map_or("", |init| init.method.as_str()),
-                        adapter.name
-                    ),
-                    path: module_path_of(path).to_string(),
-                    adapter: name.to_string(),
-                });
-            }
+            let Some((adapter, init)) = state
+                .adapters
+                .iter()
+                .find_map(|a| a.residual_init.as_ref().map(|init| (a, init)))
+            else {
+                continue;
+            };
+            return Err(LoraError::UnsupportedVariant {
+                what: format!(
+                    "{operation} on a model whose {} adapter `{}` rewrote the base (the stored \
+                     weights are the residual); unload_lora gives back the original base",
+                    init.method, adapter.name
+                ),
+                path: module_path_of(path).to_string(),
+                adapter: name.to_string(),
+            });
         }
         Ok(())
     }

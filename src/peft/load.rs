@@ -158,7 +158,7 @@ impl PeftAdapter {
     ) -> Result<(M, LoadReport), LoraError> {
         let snapshot = Snapshot::take(model)?;
         snapshot.require_new_name(name)?;
-        snapshot.refuse_beside_residual(name)?;
+        snapshot.refuse_beside_residual("another adapter beside it", name)?;
         let mut report = LoadReport {
             adapter: name.to_string(),
             ..Default::default()
