@@ -315,6 +315,27 @@ pub enum LoraError {
         /// The adapter.
         adapter: String,
     },
+
+    /// A module that is both a LoRA target and in `modules_to_save` (here, or in an adapter
+    /// the model already has): its weight would be replaced and adapted at once.
+    #[error(
+        "`{path}` is both a target and in modules_to_save; an adapter either adapts a module \
+         or trains a copy of it"
+    )]
+    SavedAndTargeted {
+        /// Module path.
+        path: String,
+    },
+
+    /// A checkpoint that does not fit the model: a model parameter it lacks, a tensor the model
+    /// does not hold, or a shape or dtype that disagrees.
+    #[error("{path}: the checkpoint does not fit the model:\n  {}", problems.join("\n  "))]
+    CheckpointMismatch {
+        /// The checkpoint file.
+        path: String,
+        /// Every problem found, one per line.
+        problems: Vec<String>,
+    },
 }
 
 impl LoraError {

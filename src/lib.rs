@@ -78,7 +78,8 @@
 //! The modules are layers, and each imports only from the ones below it: `error` (the error
 //! type) → `config` (what the user asks for, as data) → `adapter` (one adapted weight: its
 //! factors and math) → `layers` ([`LoraLinear`], mixed batches, [`nn`]) → `model` (whole-model
-//! operations: [`LoraModule`]) → `variants` (LoRA+, QLoRA) and [`peft`] (the file format).
+//! operations: [`LoraModule`]) → `variants` (LoRA+, QLoRA) and [`peft`] (the file format) →
+//! [`store`] (Hugging Face checkpoints through `burn::store`).
 //!
 //! ## Backends
 //!
@@ -92,15 +93,16 @@ mod error;
 mod layers;
 mod model;
 pub mod peft;
+pub mod store;
 mod variants;
 
-pub use adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit};
+pub use adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit, SavedCopy};
 pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern, Target, Targets, layer_index};
 pub use error::LoraError;
 pub use layers::{LoraLinear, LoraLinearConfig, MixedBatch, nn};
 pub use model::{
     AdaptedLayer, AdapterInfo, Combination, CombineReport, CombinedLayer, InitProgress, LoraModule,
-    LoraReport, SkippedModule, TargetMatch,
+    LoraReport, SavedCopyInfo, SavedModule, SkippedModule, TargetMatch,
 };
 pub use variants::{
     LoraPlusConfig, QuantizedMerge, QuantizedMergeReport, merge_quantized, quantize_base,

@@ -21,6 +21,13 @@ fn main() -> std::process::ExitCode {
     if args.iter().any(|arg| arg == "--child") {
         return study::main(args);
     }
+    // The study checks the pipeline, not a backend: backend parity has its own tests. It runs on
+    // the default CPU backend unless BURN_DEVICE says otherwise, also in a `--features wgpu`
+    // build, where a software GPU would take an hour over it. The child processes inherit this.
+    if std::env::var_os("BURN_DEVICE").is_none() {
+        // SAFETY: set at the top of main, before this process starts any thread.
+        unsafe { std::env::set_var("BURN_DEVICE", "flex") };
+    }
     rouge_matches_hand_counts();
     corpus_is_deterministic_and_summaries_follow_the_dialogue();
     miniature_study_runs_end_to_end_and_reruns_identically();

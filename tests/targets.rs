@@ -83,7 +83,8 @@ fn a_name_matches_dotted_suffixes_only() {
 
 #[test]
 fn nested_containers_get_their_paths() {
-    let found = paths(config(Targets::all_linear()));
+    // Every linear layer, the output head included.
+    let found = paths(config(Targets::new(vec![Target::AllLinear])));
     for expected in [
         "layers.0.q_proj",
         "layers.2.o_proj",
@@ -149,9 +150,12 @@ fn a_regex_matches_whole_paths_and_a_list_entry_is_never_a_regex() {
 
 #[test]
 fn all_linear_without_the_output_head() {
-    let found = paths(config(Targets::all_linear().excluding(["lm_head"])));
+    // PEFT's `all-linear`: the output head is left out without naming it.
+    let found = paths(config(Targets::all_linear()));
     assert!(!found.contains(&"lm_head".to_string()));
     assert_eq!(found.len(), 19);
+    let every = paths(config(Targets::new(vec![Target::AllLinear])));
+    assert_eq!(every.len(), 20);
 }
 
 #[test]

@@ -85,9 +85,11 @@ fn adapters_learn_a_low_rank_change_and_leave_the_base_untouched() {
         let x = Tensor::<3>::random([8, 6, D_MODEL], Distribution::Normal(0.0, 1.0), &device);
         let target = teacher.forward(x.clone()).detach();
 
+        // The block is flat: its `output` sits beside `query`, not in an attention module, so
+        // it is named rather than left to `Targets::attention()`.
         let config = LoraConfig::new(4)
             .with_alpha(Some(8.0))
-            .with_targets(Targets::attention());
+            .with_targets(Targets::names(["query", "key", "value", "output"]));
         let (mut model, report) = config.apply(base).unwrap();
         assert_eq!(report.layers.len(), 8);
         let frozen = base_data(&model);

@@ -7,6 +7,7 @@
 //! - `linalg`: host linear algebra (SVD, QR) for the inits and combinations;
 //! - `weights`: [`Adapter`], one named `(A, B)`;
 //! - `init`: where the factors start;
+//! - `saved`: [`SavedCopy`], an adapter's full copy of a parameter (`modules_to_save`);
 //! - `capture`: taking states off a model without changing a weight;
 //! - `state`: [`LoraState`], the adapters of one weight as Burn's reparameterization.
 
@@ -15,9 +16,11 @@ mod dora;
 pub(crate) mod init;
 pub(crate) mod layout;
 pub(crate) mod linalg;
+mod saved;
 mod state;
 mod weights;
 
 pub use layout::LayerKind;
+pub use saved::SavedCopy;
 pub use state::LoraState;
 pub use weights::{Adapter, DEFAULT_ADAPTER, ResidualInit};

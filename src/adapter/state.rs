@@ -16,6 +16,7 @@ use burn::tensor::module::linear;
 
 use super::capture;
 use super::layout::{float_dtype, from_factor_layout, to_f32, to_factor_layout};
+use super::saved::SavedCopy;
 use super::weights::Adapter;
 use crate::LoraError;
 
@@ -38,6 +39,10 @@ pub struct LoraState {
     /// flags: not a parameter, not in records. It costs one copy of the weight while merged;
     /// [`merge_and_unload_lora`](crate::LoraModule::merge_and_unload_lora) keeps none.
     pub merged_base: Option<Tensor<2>>,
+    /// The adapters' own copies of this parameter, when its module is in `modules_to_save`
+    /// (a classifier head): the active adapter's copy replaces the parameter in the forward
+    /// pass. A parameter holds copies or low-rank adapters, never both.
+    pub copies: Vec<SavedCopy>,
 }
 
 impl Reparameterization for LoraState {
@@ -46,6 +51,9 @@ impl Reparameterization for LoraState {
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
         if capture::record(self) {
             return base;
+        }
+        if let Some(copy) = self.active_copy() {
+            return copy.value_as(base.shape());
         }
         if self.contributing().next().is_none() {
             return base;
@@ -76,6 +84,30 @@ impl LoraState {
             adapters,
             enabled: true,
             merged_base: None,
+            copies: Vec::new(),
+        }
+    }
+
+    /// Whether the state holds neither adapters nor copies (it is then dropped).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.adapters.is_empty() && self.copies.is_empty()
+    }
+
+    /// The `ParamId` of the state's first parameter: its first adapter's `A`, or its first
+    /// copy. A model walk meets it first.
+    pub(crate) fn first_param_id(&self) -> Option<burn::module::ParamId> {
+        match self.adapters.first() {
+            Some(adapter) => Some(adapter.lora_a.id),
+            None => self.copies.first().map(|copy| copy.value.id),
+        }
+    }
+
+    /// The copy that replaces this parameter in the forward pass: the active adapter's, while
+    /// the state is enabled.
+    pub fn active_copy(&self) -> Option<&SavedCopy> {
+        match self.enabled {
+            true => self.copies.iter().find(|copy| copy.active),
+            false => None,
         }
     }
 
@@ -109,6 +141,10 @@ impl LoraState {
         weight: Tensor<2>,
         bias: Option<Tensor<1>>,
     ) -> Tensor<D> {
+        let weight = match self.active_copy() {
+            Some(copy) => copy.value_as(weight.shape()),
+            None => weight,
+        };
         if !self.contributing().any(Adapter::is_dora) {
             let output = linear(input.clone(), weight, bias);
             return self.contributing().fold(output, |output, adapter| {

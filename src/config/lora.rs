@@ -117,6 +117,13 @@ pub struct LoraConfig {
     /// [`LoraError::UnmatchedTarget`].
     #[config(default = false)]
     pub allow_unmatched_targets: bool,
+    /// PEFT's `modules_to_save`: modules the adapter trains in full, such as a classifier head
+    /// that a new task needs. Each name matches a module path exactly or as a dotted suffix.
+    /// The adapter gets its own copy of every parameter of such a module, which replaces the
+    /// original while the adapter is active; the original stays as it was, for the base model
+    /// and the other adapters. A module cannot be both a target and saved.
+    #[config(default = "Vec::new()")]
+    pub modules_to_save: Vec<String>,
 }
 
 impl LoraConfig {

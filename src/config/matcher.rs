@@ -294,6 +294,68 @@ mod tests {
     }
 
     #[test]
+    fn presets_are_right_on_real_models() {
+        let attention = Targets::attention();
+        // Burn's Llama port: `wq/wk/wv/wo` are adapted, its `output` head is not.
+        for path in [
+            "layers.0.attention.wq",
+            "layers.0.attention.wk",
+            "layers.0.attention.wv",
+            "layers.0.attention.wo",
+            "dec.layers.1.cross_attn.output",
+            "bert.encoder.layer.0.attention.self.query",
+            "bert.encoder.layer.0.attention.output.dense",
+        ] {
+            assert!(attention.matches(path), "{path}");
+        }
+        for path in [
+            "output",
+            "model.output",
+            "lm_head",
+            "bert.encoder.layer.0.output.dense",
+            "blocks.0.mlp.output",
+        ] {
+            assert!(!attention.matches(path), "{path}");
+        }
+        let feed_forward = Targets::feed_forward();
+        for path in [
+            "layers.0.feed_forward.swiglu.linear_inner",
+            "layers.0.feed_forward.w2",
+            "bert.encoder.layer.0.intermediate.dense",
+            "bert.encoder.layer.0.output.dense",
+        ] {
+            assert!(feed_forward.matches(path), "{path}");
+        }
+        for path in [
+            "bert.encoder.layer.0.attention.output.dense",
+            "output",
+            "lm_head",
+        ] {
+            assert!(!feed_forward.matches(path), "{path}");
+        }
+        let gpt2 = Targets::gpt2_attention();
+        assert!(gpt2.matches("transformer.h.3.attn.c_attn"));
+        assert!(gpt2.matches("transformer.h.3.attn.c_proj"));
+        assert!(!gpt2.matches("transformer.h.3.mlp.c_proj"));
+        let mlp = Targets::gpt2_feed_forward();
+        assert!(mlp.matches("transformer.h.3.mlp.c_fc"));
+        assert!(mlp.matches("transformer.h.3.mlp.c_proj"));
+        assert!(!mlp.matches("transformer.h.3.attn.c_proj"));
+        // `all-linear` leaves the output head out, wherever the model puts it.
+        let all = Targets::all_linear();
+        for path in ["lm_head", "model.lm_head", "output", "classifier", "score"] {
+            assert!(!all.matches(path), "{path}");
+        }
+        for path in [
+            "layers.0.attention.output",
+            "blocks.0.output",
+            "pooler.dense",
+        ] {
+            assert!(all.matches(path), "{path}");
+        }
+    }
+
+    #[test]
     fn targets_round_trip_through_json() {
         let targets = Targets::all_linear()
             .excluding(["lm_head"])

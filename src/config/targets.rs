@@ -132,46 +132,67 @@ impl Targets {
         )
     }
 
-    /// The attention projections Q, K, V and O.
+    /// The attention projections Q, K, V and O, under every common spelling:
     ///
-    /// Each matches Burn's `MultiHeadAttention` field (`query`, `key`, `value`, `output`) or the
-    /// Hugging Face name (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
+    /// | | Burn's `nn` blocks | Hugging Face | Burn's Llama port |
+    /// |---|---|---|---|
+    /// | Q | `query` | `q_proj` | `wq` |
+    /// | K | `key` | `k_proj` | `wk` |
+    /// | V | `value` | `v_proj` | `wv` |
+    /// | O | `output` in an attention module | `o_proj`, BERT's `attention.output.dense` | `wo` |
+    ///
+    /// An `output` layer is taken for O only inside a module whose name says attention (`mha`,
+    /// or a name with `att` in it: `attn`, `self_attn`, `cross_attn`, `attention`), so a model's
+    /// output head, such as the `output` of Burn's Llama port, is never adapted. GPT-2's fused
+    /// projections have their own preset, [`gpt2_attention`](Self::gpt2_attention).
     pub fn attention() -> Self {
         Self::new(vec![
-            any_of(&["query", "q_proj"]),
-            any_of(&["key", "k_proj"]),
-            any_of(&["value", "v_proj"]),
-            any_of(&["output", "o_proj"]),
+            any_of(&["query", "q_proj", "wq"]),
+            any_of(&["key", "k_proj", "wk"]),
+            any_of(&["value", "v_proj", "wv"]),
+            Target::Regex(ATTENTION_OUTPUT.to_string()),
         ])
     }
 
     /// The LoRA paper's default: the query and value projections only.
     pub fn attention_qv() -> Self {
         Self::new(vec![
-            any_of(&["query", "q_proj"]),
-            any_of(&["value", "v_proj"]),
+            any_of(&["query", "q_proj", "wq"]),
+            any_of(&["value", "v_proj", "wv"]),
         ])
     }
 
-    /// The feed-forward layers: Burn's `linear_inner` and `linear_outer`, and Hugging Face's
-    /// `gate_proj`, `up_proj`, `down_proj`, `fc1` and `fc2`. One target, matched when any of
-    /// them is there.
+    /// The feed-forward layers, one target matched when any of them is there:
+    ///
+    /// - Burn's `linear_inner` and `linear_outer` (`PositionWiseFeedForward`, `SwiGlu`), and
+    ///   `w1`, `w2`, `w3` (Burn's Llama port: `swiglu.linear_inner/linear_outer` and `w2`);
+    /// - Hugging Face's `gate_proj`, `up_proj`, `down_proj`, `fc1`, `fc2`, and BERT's
+    ///   `intermediate.dense` and `output.dense` (not `attention.output.dense`, which is O).
+    ///
+    /// GPT-2's `mlp.c_fc` and `mlp.c_proj` have their own preset,
+    /// [`gpt2_feed_forward`](Self::gpt2_feed_forward).
     pub fn feed_forward() -> Self {
-        Self::new(vec![any_of(&[
-            "linear_inner",
-            "linear_outer",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-            "fc1",
-            "fc2",
-        ])])
+        Self::new(vec![Target::Regex(FEED_FORWARD.to_string())])
     }
 
-    /// Every linear layer, by module type. Add the output head to [`exclude`](Self::exclude)
-    /// with [`excluding`](Self::excluding): PEFT's `all-linear` leaves it out too.
+    /// GPT-2's attention: the fused query-key-value projection `attn.c_attn` and the output
+    /// projection `attn.c_proj` (PEFT's default for GPT-2 is `c_attn` alone).
+    pub fn gpt2_attention() -> Self {
+        Self::names(["attn.c_attn", "attn.c_proj"])
+    }
+
+    /// GPT-2's feed-forward layers, `mlp.c_fc` and `mlp.c_proj`.
+    pub fn gpt2_feed_forward() -> Self {
+        Self::names(["mlp.c_fc", "mlp.c_proj"])
+    }
+
+    /// Every linear layer but the model's output head, as PEFT's `all-linear`: by module type,
+    /// excluding `lm_head` wherever it sits, and a top-level `output`, `classifier` or `score`
+    /// (the heads of Burn's Llama port and of Hugging Face's classification models). Use
+    /// [`Target::AllLinear`] alone to adapt the head too.
     pub fn all_linear() -> Self {
         Self::new(vec![Target::AllLinear])
+            .with_exclude(vec![Target::Regex(OUTPUT_HEAD.to_string())])
     }
 
     /// These targets, with more names to exclude.
@@ -201,6 +222,20 @@ pub fn layer_index(path: &str, patterns: Option<&[String]>) -> Option<usize> {
         }),
     }
 }
+
+/// An attention output projection: `o_proj`, `wo`, BERT's `attention.output.dense`, or an
+/// `output` whose parent module's name says attention.
+const ATTENTION_OUTPUT: &str =
+    r"(?:.*\.)?(?:o_proj|wo|attention\.output\.dense|(?:mha|[^.]*att[^.]*)\.output)";
+
+/// The feed-forward layers of Burn's blocks and ports and of Hugging Face's models.
+const FEED_FORWARD: &str = concat!(
+    r"(?:.*\.)?(?:linear_inner|linear_outer|w1|w2|w3|gate_proj|up_proj|down_proj|fc1|fc2",
+    r"|intermediate\.dense|(?<!attention\.)output\.dense)"
+);
+
+/// A model's output head: `lm_head` anywhere, or a top-level `output`, `classifier`, `score`.
+const OUTPUT_HEAD: &str = r"(?:.*\.)?lm_head|output|classifier|score";
 
 fn any_of(names: &[&str]) -> Target {
     Target::AnyName(names.iter().map(|name| name.to_string()).collect())

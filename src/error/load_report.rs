@@ -69,6 +69,9 @@ pub struct LoadReport {
     pub non_finite: Vec<String>,
     /// Checks that could not run, and why.
     pub notes: Vec<String>,
+    /// Parameters of `modules_to_save` modules whose trained copies were loaded, as Burn
+    /// parameter paths (`classifier.weight`).
+    pub saved: Vec<String>,
 }
 
 impl LoadReport {
@@ -109,6 +112,7 @@ impl fmt::Display for LoadReport {
             writeln!(f, "  {title} ({}):", items.len())?;
             items.iter().try_for_each(|item| writeln!(f, "    {item}"))
         };
+        list(f, "modules_to_save copies loaded", &self.saved)?;
         list(f, "missing keys", &self.missing)?;
         list(f, "unexpected keys", &self.unexpected)?;
         let mismatches: Vec<String> = self

@@ -119,8 +119,9 @@ impl LoraLinear {
     /// # Panics
     ///
     /// Panics if the last axis of `input` is not `d_input`, if the first is not
-    /// `batch.len()`, or if an adapter of this layer is merged (the base would already hold
-    /// it; [`LoraModule::mixed_batch`](crate::LoraModule::mixed_batch) checks this up front).
+    /// `batch.len()`, if an adapter of this layer is merged (the base would already hold
+    /// it), or if the layer is in `modules_to_save` (one copy of it serves a whole batch);
+    /// [`LoraModule::mixed_batch`](crate::LoraModule::mixed_batch) checks both up front.
     pub fn forward_mixed<const D: usize>(&self, input: Tensor<D>, batch: &MixedBatch) -> Tensor<D> {
         let bias = self.bias.as_ref().map(Param::val);
         let Some(state) = self.weight.reparameterization::<LoraState>() else {

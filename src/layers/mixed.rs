@@ -94,6 +94,11 @@ impl LoraState {
     /// Activity and [`disable_adapters`](crate::LoraModule::disable_adapters) do not apply: the
     /// batch names the adapters. Dropout, in training, is that of the first adapter present.
     ///
+    /// # Panics
+    ///
+    /// Panics if the parameter holds copies of `modules_to_save`, which a batch cannot route
+    /// ([`mixed_batch`](crate::LoraModule::mixed_batch) refuses such models).
+    ///
     /// # Shapes
     ///
     /// - input: `[batch, ..., d_in]`
@@ -106,6 +111,11 @@ impl LoraState {
         bias: Option<Tensor<1>>,
         batch: &MixedBatch,
     ) -> Tensor<D> {
+        assert!(
+            self.copies.is_empty(),
+            "a mixed batch through a module of modules_to_save: one copy of a module serves a \
+             batch (LoraModule::mixed_batch refuses such models)"
+        );
         let present: Vec<Option<&Adapter>> = batch
             .adapters
             .iter()

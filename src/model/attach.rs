@@ -12,12 +12,12 @@ use std::collections::HashMap;
 use burn::module::Module;
 use burn::tensor::{DType, Tensor};
 
-use super::report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
+use super::report::{AdaptedLayer, LoraReport, SavedModule, SkippedModule, TargetMatch};
 use super::snapshot::Snapshot;
 use super::survey::{Survey, module_path_of, weight_path_of};
 use crate::adapter::init::{self, Site};
-use crate::adapter::layout::float_dtype;
-use crate::adapter::{Adapter, DEFAULT_ADAPTER, LoraState, ResidualInit};
+use crate::adapter::layout::{float_dtype, to_f32};
+use crate::adapter::{Adapter, DEFAULT_ADAPTER, LoraState, ResidualInit, SavedCopy};
 use crate::config::matcher::first_match;
 use crate::{LoraConfig, LoraError, Target};
 
@@ -208,11 +208,13 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
             fast_path: site.owner == "LoraLinear",
         });
     }
+    plan_saved(config, survey, &mut report)?;
     // One weight at several paths would get one adapter per path, and stop being shared.
     let planned: Vec<String> = report
         .layers
         .iter()
         .map(|l| weight_path_of(&l.path))
+        .chain(report.saved.iter().flat_map(|saved| saved.params.clone()))
         .collect();
     if let Some(paths) = survey
         .aliases(|_| true)
@@ -236,6 +238,74 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
         });
     }
     Ok(report)
+}
+
+/// The modules of `config.modules_to_save` in `survey`, added to `report.saved`: each name
+/// matches a module path exactly or as a dotted suffix, and the module's parameters, its
+/// submodules' included, are copied.
+fn plan_saved(
+    config: &LoraConfig,
+    survey: &Survey,
+    report: &mut LoraReport,
+) -> Result<(), LoraError> {
+    for name in &config.modules_to_save {
+        let mut found = false;
+        for site in &survey.params {
+            let Some(module) = saved_module_of(site.module_path(), name) else {
+                continue;
+            };
+            found = true;
+            if let Some(layer) = report
+                .layers
+                .iter()
+                .find(|layer| layer.path == module || layer.path.starts_with(&format!("{module}.")))
+            {
+                return Err(LoraError::SavedAndTargeted {
+                    path: layer.path.clone(),
+                });
+            }
+            let numel = site.dims.iter().product::<usize>();
+            match report.saved.iter_mut().find(|saved| saved.path == module) {
+                Some(saved) if saved.params.contains(&site.path) => {}
+                Some(saved) => {
+                    saved.params.push(site.path.clone());
+                    saved.numel += numel;
+                }
+                None => report.saved.push(SavedModule {
+                    path: module.to_string(),
+                    module_type: survey
+                        .params
+                        .iter()
+                        .find(|other| other.module_path() == module)
+                        .map_or_else(|| site.owner.clone(), |other| other.owner.clone()),
+                    params: vec![site.path.clone()],
+                    numel,
+                }),
+            }
+        }
+        if !found && !config.allow_unmatched_targets {
+            return Err(LoraError::UnmatchedTarget {
+                target: format!("modules_to_save `{name}`"),
+                candidates: nearest_linear_paths(&Target::Name(name.clone()), survey),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The module of `modules_to_save` entry `name` that holds the module at `module_path`: the
+/// shortest prefix of the path equal to `name` or ending in `.` + `name`.
+pub(crate) fn saved_module_of<'a>(module_path: &'a str, name: &str) -> Option<&'a str> {
+    let mut end = 0;
+    for segment in module_path.split('.') {
+        end += segment.len();
+        let prefix = &module_path[..end];
+        if prefix == name || prefix.ends_with(&format!(".{name}")) {
+            return Some(prefix);
+        }
+        end += 1;
+    }
+    None
 }
 
 /// Up to five linear-layer paths, the ones whose last segment is closest to the target first.
@@ -349,16 +419,50 @@ pub(crate) fn add_adapter<M: Module>(
             path: layer.path.clone(),
         });
     }
-    Ok((attach_adapters(snapshot, adapters, residuals), report))
+    let saved: Vec<String> = report
+        .saved
+        .iter()
+        .flat_map(|saved| saved.params.clone())
+        .collect();
+    for (path, state) in &snapshot.states {
+        let layer_with_copies = weight_paths.contains(path) && !state.copies.is_empty();
+        if layer_with_copies || (saved.contains(path) && !state.adapters.is_empty()) {
+            return Err(LoraError::SavedAndTargeted {
+                path: module_path_of(path).to_string(),
+            });
+        }
+    }
+    let values = snapshot.values(&saved);
+    let copies = saved
+        .iter()
+        .map(|path| {
+            let value = values[path].clone();
+            // A quantized original (QLoRA) gets a float copy: it trains.
+            let value = match value.dtype() {
+                DType::QFloat(_) => to_f32(value),
+                _ => value,
+            };
+            (
+                path.clone(),
+                SavedCopy::new(name, value).with_trainable(first),
+            )
+        })
+        .collect();
+    Ok((
+        attach_adapters(snapshot, adapters, copies, residuals),
+        report,
+    ))
 }
 
-/// Put new adapters (weight path, adapter) on the model a snapshot was taken of, and replace
-/// the stored bases in `bases`: the one way adapters are added. Each new adapter is active when
+/// Put new adapters (weight path, adapter) and copies of `modules_to_save` (parameter path,
+/// copy) on the model a snapshot was taken of, and replace the stored bases in `bases`: the one
+/// way adapters are added. Each new adapter is active when
 /// it is the model's first, and inactive otherwise; its trainability is the caller's. The
 /// first adapters of a model freeze every base parameter.
 pub(crate) fn attach_adapters<M: Module>(
     snapshot: Snapshot<M>,
     adapters: Vec<(String, Adapter)>,
+    copies: Vec<(String, SavedCopy)>,
     bases: HashMap<String, Tensor<2>>,
 ) -> M {
     let first = !snapshot.is_adapted();
@@ -371,6 +475,16 @@ pub(crate) fn attach_adapters<M: Module>(
             .push(Adapter {
                 active: first,
                 ..adapter
+            });
+    }
+    for (path, copy) in copies {
+        states
+            .entry(path)
+            .or_insert_with(|| LoraState::new(Vec::new()))
+            .copies
+            .push(SavedCopy {
+                active: first,
+                ..copy
             });
     }
     snapshot.rebuild(states, bases, first)

@@ -19,5 +19,5 @@ pub(crate) mod survey;
 
 pub use attach::InitProgress;
 pub use combine::{Combination, CombineReport, CombinedLayer};
-pub use module::{AdapterInfo, LoraModule};
-pub use report::{AdaptedLayer, LoraReport, SkippedModule, TargetMatch};
+pub use module::{AdapterInfo, LoraModule, SavedCopyInfo};
+pub use report::{AdaptedLayer, LoraReport, SavedModule, SkippedModule, TargetMatch};

@@ -15,7 +15,7 @@ use super::combine::{self, Combination, CombineReport};
 use super::report::LoraReport;
 use super::snapshot::Snapshot;
 use super::survey::module_path_of;
-use crate::adapter::{Adapter, LoraState};
+use crate::adapter::{Adapter, LoraState, SavedCopy};
 use crate::layers::MixedBatch;
 use crate::{LoraConfig, LoraError};
 
@@ -40,6 +40,22 @@ pub struct AdapterInfo {
     pub dora: bool,
     /// The init that moved part of the base into it (`"pissa"`, `"olora"`), if any.
     pub residual_init: Option<String>,
+}
+
+/// An adapter's copy of one parameter of a module in `modules_to_save`, from
+/// [`LoraModule::saved_copies`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedCopyInfo {
+    /// Path of the parameter copied, e.g. `classifier.weight`.
+    pub path: String,
+    /// Name of the adapter the copy belongs to.
+    pub name: String,
+    /// Number of values in the copy.
+    pub numel: usize,
+    /// Whether the copy replaces the original in the forward pass.
+    pub active: bool,
+    /// Whether the copy takes gradients.
+    pub trainable: bool,
 }
 
 /// LoRA operations on any Burn module that carries adapters from
@@ -96,6 +112,10 @@ pub trait LoraModule: Module + Sized {
     /// placed at several paths is listed at each (the other operations refuse it with
     /// [`LoraError::SharedWeight`]).
     fn lora_adapters(&self) -> Vec<AdapterInfo>;
+
+    /// The adapters' copies of the parameters of `modules_to_save` (see
+    /// [`LoraConfig::modules_to_save`]), one entry per parameter and adapter.
+    fn saved_copies(&self) -> Vec<SavedCopyInfo>;
 
     /// The distinct adapter names, in the order they were added.
     fn adapter_names(&self) -> Vec<String>;
@@ -238,6 +258,23 @@ impl<M: Module> LoraModule for M {
         infos
     }
 
+    fn saved_copies(&self) -> Vec<SavedCopyInfo> {
+        let snapshot = Snapshot::read(self);
+        let mut infos = Vec::new();
+        for (path, state) in &snapshot.states {
+            for copy in &state.copies {
+                infos.push(SavedCopyInfo {
+                    path: path.clone(),
+                    name: copy.name.clone(),
+                    numel: copy.value.lazy_shape().num_elements(),
+                    active: copy.active && state.enabled,
+                    trainable: copy.trainable,
+                });
+            }
+        }
+        infos
+    }
+
     fn adapter_names(&self) -> Vec<String> {
         Snapshot::read(self).adapter_names()
     }
@@ -267,12 +304,28 @@ impl<M: Module> LoraModule for M {
         let snapshot = adapted_snapshot(self)?;
         require_names(&snapshot, names)?;
         snapshot.require_unmerged("set_active")?;
-        Ok(edit_adapters(snapshot, |adapter| {
-            let chosen = names.contains(&adapter.name.as_str());
-            let adapter = adapter.with_trainable(chosen);
-            Adapter {
-                active: chosen,
-                ..adapter
+        Ok(edit_states(snapshot, |state| {
+            let chosen = |name: &String| names.contains(&name.as_str());
+            LoraState {
+                adapters: (state.adapters.into_iter())
+                    .map(|adapter| {
+                        let on = chosen(&adapter.name);
+                        Adapter {
+                            active: on,
+                            ..adapter.with_trainable(on)
+                        }
+                    })
+                    .collect(),
+                copies: (state.copies.into_iter())
+                    .map(|copy| {
+                        let on = chosen(&copy.name);
+                        SavedCopy {
+                            active: on,
+                            ..copy.with_trainable(on)
+                        }
+                    })
+                    .collect(),
+                ..state
             }
         }))
     }
@@ -282,9 +335,23 @@ impl<M: Module> LoraModule for M {
         for name in names {
             snapshot.require_adapter(name)?;
         }
-        Ok(edit_adapters(snapshot, |adapter| {
-            let chosen = names.contains(&adapter.name.as_str());
-            adapter.with_trainable(chosen)
+        Ok(edit_states(snapshot, |state| {
+            let chosen = |name: &String| names.contains(&name.as_str());
+            LoraState {
+                adapters: (state.adapters.into_iter())
+                    .map(|adapter| {
+                        let on = chosen(&adapter.name);
+                        adapter.with_trainable(on)
+                    })
+                    .collect(),
+                copies: (state.copies.into_iter())
+                    .map(|copy| {
+                        let on = chosen(&copy.name);
+                        copy.with_trainable(on)
+                    })
+                    .collect(),
+                ..state
+            }
         }))
     }
 
@@ -321,6 +388,11 @@ impl<M: Module> LoraModule for M {
                 .into_iter()
                 .filter(|adapter| adapter.name != name)
                 .collect(),
+            copies: state
+                .copies
+                .into_iter()
+                .filter(|copy| copy.name != name)
+                .collect(),
             ..state
         }))
     }
@@ -350,6 +422,11 @@ impl<M: Module> LoraModule for M {
             |adapter| adapters.iter().any(|(source, _)| *source == adapter.name),
             "combining DoRA adapters (their magnitudes do not add)",
         )?;
+        refuse_copies(
+            &snapshot,
+            |copy| adapters.iter().any(|(source, _)| *source == copy.name),
+            "combining adapters with modules_to_save (their trained copies do not add)",
+        )?;
         // Compute every layer's new adapter before touching the model.
         let mut report = CombineReport::default();
         let mut combined = Vec::new();
@@ -361,7 +438,10 @@ impl<M: Module> LoraModule for M {
                 report.layers.push(layer);
             }
         }
-        Ok((attach_adapters(snapshot, combined, HashMap::new()), report))
+        Ok((
+            attach_adapters(snapshot, combined, Vec::new(), HashMap::new()),
+            report,
+        ))
     }
 
     fn mixed_batch(&self, adapters: &[Option<&str>]) -> Result<MixedBatch, LoraError> {
@@ -370,11 +450,17 @@ impl<M: Module> LoraModule for M {
             snapshot.require_adapter(name)?;
         }
         snapshot.require_unmerged("forward_mixed")?;
+        refuse_copies(
+            &snapshot,
+            |_| true,
+            "a mixed batch on a model with modules_to_save (one copy of a module serves a batch)",
+        )?;
         let device = snapshot
             .states
-            .first()
-            .map(|(_, state)| state.adapters[0].lora_a.lazy_device())
-            .expect("an adapted snapshot has a state");
+            .iter()
+            .find_map(|(_, state)| state.adapters.first())
+            .map(|adapter| adapter.lora_a.lazy_device())
+            .ok_or(LoraError::NoAdapters)?;
         Ok(MixedBatch::new(adapters, &device))
     }
 }
@@ -408,12 +494,23 @@ fn edit_states<M: Module>(snapshot: Snapshot<M>, edit: impl Fn(LoraState) -> Lor
     snapshot.rebuild(states, HashMap::new(), false)
 }
 
-/// Rebuild with every adapter passed through `edit`; no base changes.
-fn edit_adapters<M: Module>(snapshot: Snapshot<M>, edit: impl Fn(Adapter) -> Adapter) -> M {
-    edit_states(snapshot, |state| LoraState {
-        adapters: state.adapters.into_iter().map(&edit).collect(),
-        ..state
-    })
+/// [`LoraError::UnsupportedVariant`] naming `what` for the first copy (`modules_to_save`) that
+/// `pick` selects.
+fn refuse_copies<M: Module>(
+    snapshot: &Snapshot<M>,
+    pick: impl Fn(&SavedCopy) -> bool,
+    what: &str,
+) -> Result<(), LoraError> {
+    for (path, state) in &snapshot.states {
+        if let Some(copy) = state.copies.iter().find(|copy| pick(copy)) {
+            return Err(LoraError::UnsupportedVariant {
+                what: what.to_string(),
+                path: module_path_of(path).to_string(),
+                adapter: copy.name.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The operations that fold adapters into or out of the base weights.
@@ -454,9 +551,16 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
 
     // Everything is computed and checked before the model is rebuilt.
     let mut bases: HashMap<String, Tensor<2>> = HashMap::new();
+    let mut replacements: HashMap<String, Tensor<1>> = HashMap::new();
     let mut states: Vec<(String, LoraState)> = Vec::new();
     for (path, state) in &snapshot.states {
         let mut state = state.clone();
+        if operation == Fold::MergeAndUnload
+            && let Some(copy) = state.active_copy()
+        {
+            // As PEFT's merge_and_unload: the active adapter's copy becomes the module's own.
+            replacements.insert(path.clone(), copy.value.val());
+        }
         let (selected, sign, keep) = operation.edit(&state);
         if !selected.is_empty() {
             let base = stored
@@ -483,5 +587,5 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
         Fold::Unmerge if bases.is_empty() => return Err(LoraError::NothingMerged),
         _ => {}
     }
-    Ok(snapshot.rebuild(states, bases, false))
+    Ok(snapshot.rebuild_with(states, bases, replacements, false))
 }

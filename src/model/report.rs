@@ -62,6 +62,20 @@ pub struct SkippedModule {
     pub reason: String,
 }
 
+/// A module in `modules_to_save`: the adapter trains its own full copy of the module's
+/// parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedModule {
+    /// Module path, e.g. `classifier`.
+    pub path: String,
+    /// The module's type.
+    pub module_type: String,
+    /// Paths of the parameters copied (`classifier.weight`, `classifier.bias`).
+    pub params: Vec<String>,
+    /// Values in the copies.
+    pub numel: usize,
+}
+
 /// The outcome of a LoRA plan: which layers are adapted and what that costs.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LoraReport {
@@ -73,12 +87,18 @@ pub struct LoraReport {
     pub skipped: Vec<SkippedModule>,
     /// Parameters of the model before adapters were attached.
     pub base_params: usize,
+    /// The modules of `modules_to_save`, whose copies the adapter trains in full.
+    pub saved: Vec<SavedModule>,
 }
 
 impl LoraReport {
-    /// Values the adapters train.
+    /// Values the adapters train: their factors, and the copies of `modules_to_save`.
     pub fn trainable_params(&self) -> usize {
-        self.layers.iter().map(AdaptedLayer::adapter_params).sum()
+        self.layers
+            .iter()
+            .map(AdaptedLayer::adapter_params)
+            .sum::<usize>()
+            + self.saved.iter().map(|module| module.numel).sum::<usize>()
     }
 
     /// Values in the weights that carry adapters.
@@ -184,6 +204,15 @@ impl fmt::Display for LoraReport {
             }
             writeln!(f)?;
         }
+        for saved in &self.saved {
+            writeln!(
+                f,
+                "saved {} ({}): a full trainable copy, {} params",
+                saved.path,
+                saved.module_type,
+                thousands(saved.numel)
+            )?;
+        }
         for skipped in &self.skipped {
             writeln!(
                 f,
@@ -233,6 +262,7 @@ mod tests {
             targets: vec![],
             skipped: vec![],
             base_params: 512 * 64,
+            saved: vec![],
         };
         assert_eq!(report.trainable_params(), 4_608);
         assert_eq!(report.adapted_weight_params(), 32_768);

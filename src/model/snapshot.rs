@@ -16,7 +16,7 @@ use super::survey::{PathStack, Survey, module_path_of};
 use crate::LoraError;
 use crate::adapter::capture::capturing;
 use crate::adapter::layout::{from_factor_layout, to_factor_layout};
-use crate::adapter::{Adapter, LoraState};
+use crate::adapter::{Adapter, LoraState, SavedCopy};
 
 /// A model taken apart: the plain model, and its LoRA states keyed by weight path.
 pub(crate) struct Snapshot<M> {
@@ -71,7 +71,7 @@ impl<M: Module> Snapshot<M> {
             .into_iter()
             .zip(&survey.states)
             .map(|(state, (id, path))| {
-                debug_assert_eq!(state.adapters.first().map(|a| a.lora_a.id), Some(*id));
+                debug_assert_eq!(state.first_param_id(), Some(*id));
                 (path.clone(), state)
             })
             .collect();
@@ -87,27 +87,41 @@ impl<M: Module> Snapshot<M> {
         !self.states.is_empty()
     }
 
-    /// The distinct adapter names, in the order they first appear.
+    /// The distinct adapter names, in the order they first appear (an adapter's low-rank
+    /// factors or its copies of `modules_to_save`).
     pub fn adapter_names(&self) -> Vec<String> {
-        self.names_where(|_| true)
+        self.names_where(|_| true, |_| true)
     }
 
     /// The names of the active adapters, in the order they first appear.
     pub fn active_names(&self) -> Vec<String> {
-        self.names_where(|adapter| adapter.active)
+        self.names_where(|adapter| adapter.active, |copy| copy.active)
     }
 
     /// The names of the adapters folded into a base weight somewhere.
     pub fn merged_names(&self) -> Vec<String> {
-        self.names_where(|adapter| adapter.merged)
+        self.names_where(|adapter| adapter.merged, |_| false)
     }
 
-    /// The distinct names of the adapters for which `pick` holds, in order of first appearance.
-    fn names_where(&self, pick: impl Fn(&Adapter) -> bool) -> Vec<String> {
+    /// The distinct names of the adapters for which `pick` holds, and of the copies for which
+    /// `pick_copy` does, in order of first appearance.
+    fn names_where(
+        &self,
+        pick: impl Fn(&Adapter) -> bool,
+        pick_copy: impl Fn(&SavedCopy) -> bool,
+    ) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
-        for adapter in self.states.iter().flat_map(|(_, state)| &state.adapters) {
-            if pick(adapter) && !names.contains(&adapter.name) {
-                names.push(adapter.name.clone());
+        for (_, state) in &self.states {
+            let picked = state.adapters.iter().filter(|a| pick(a)).map(|a| &a.name);
+            let copies = state
+                .copies
+                .iter()
+                .filter(|c| pick_copy(c))
+                .map(|c| &c.name);
+            for name in picked.chain(copies) {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
             }
         }
         names
@@ -208,15 +222,38 @@ impl<M: Module> Snapshot<M> {
         bases: HashMap<String, Tensor<2>>,
         freeze_base: bool,
     ) -> M {
+        self.rebuild_with(states, bases, HashMap::new(), freeze_base)
+    }
+
+    /// [`rebuild`](Self::rebuild), also replacing the parameters in `replacements` (parameter
+    /// path → new values, flattened) whatever their rank: a `modules_to_save` copy that
+    /// becomes the module's own parameter.
+    pub fn rebuild_with(
+        self,
+        states: impl IntoIterator<Item = (String, LoraState)>,
+        bases: HashMap<String, Tensor<2>>,
+        replacements: HashMap<String, Tensor<1>>,
+        freeze_base: bool,
+    ) -> M {
         let states = states
             .into_iter()
-            .filter(|(_, state)| !state.adapters.is_empty())
+            .filter(|(_, state)| !state.is_empty())
             .collect();
         self.plain.apply_reparameterization(Reattach {
             states,
             bases,
+            replacements,
             freeze_base,
         })
+    }
+
+    /// The stored values of the parameters at `paths`, whatever their rank, flattened.
+    pub fn values<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a String>,
+    ) -> HashMap<String, Tensor<1>> {
+        let paths: Vec<&String> = paths.into_iter().collect();
+        collect_values(&self.plain, &paths)
     }
 }
 
@@ -250,10 +287,43 @@ fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Ten
     collector.bases
 }
 
+/// The stored values of the parameters at `paths`, flattened.
+fn collect_values<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Tensor<1>> {
+    struct Collector<'a> {
+        paths: &'a [&'a String],
+        stack: PathStack,
+        values: HashMap<String, Tensor<1>>,
+    }
+    impl ModuleVisitor for Collector<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.stack.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let path = self.stack.path();
+            if self.paths.contains(&&path) {
+                let value = param.val();
+                let count = value.shape().num_elements();
+                self.values.insert(path, value.reshape([count]));
+            }
+        }
+    }
+    let mut collector = Collector {
+        paths,
+        stack: PathStack::default(),
+        values: HashMap::new(),
+    };
+    model.visit(&mut collector);
+    collector.values
+}
+
 /// Puts states and edited bases onto a model whose states were detached.
 struct Reattach {
     states: HashMap<String, LoraState>,
     bases: HashMap<String, Tensor<2>>,
+    replacements: HashMap<String, Tensor<1>>,
     freeze_base: bool,
 }
 
@@ -274,6 +344,13 @@ impl Reparameterizer for Reattach {
                 let shape = param.shape();
                 // The new base must not carry the graph that computed it.
                 param.map(|_| from_factor_layout(base.detach(), shape))
+            }
+            None => param,
+        };
+        let param = match self.replacements.remove(path) {
+            Some(values) => {
+                let shape = param.shape();
+                param.map(|_| values.detach().reshape(shape))
             }
             None => param,
         };

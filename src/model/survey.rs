@@ -51,7 +51,7 @@ pub(crate) struct Survey {
     pub params: Vec<ParamSite>,
     /// Parameter path → name of the reparameterization it carries.
     pub reparameterized: HashMap<String, String>,
-    /// `(lora_a id of the state's first adapter, path of the weight carrying it)` for each of
+    /// `(id of the state's first parameter, path of the parameter carrying it)` for each of
     /// our states, in traversal order: the order `materialize` takes them off in.
     pub states: Vec<(ParamId, String)>,
     pub base_params: usize,
@@ -153,6 +153,8 @@ struct Surveyor {
     stack: PathStack,
     /// Path of the last base parameter visited outside a reparameterization.
     last_param: Option<String>,
+    /// The weight path of the state whose parameters are being visited.
+    current_state: Option<String>,
 }
 
 impl ModuleVisitor for Surveyor {
@@ -172,14 +174,15 @@ impl ModuleVisitor for Surveyor {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let path = self.stack.path();
         if let Some((weight_path, name)) = self.stack.enclosing_reparameterization() {
-            // Our states lay out `adapters.<i>.lora_a`; the first adapter's A identifies the state.
-            if name == LoraState::NAME
-                && path == format!("{weight_path}.{}.adapters.0.lora_a", name)
-            {
-                self.survey.states.push((param.id, weight_path));
+            // The first parameter met inside one of our states (its first adapter's A, or its
+            // first copy) identifies the state.
+            if name == LoraState::NAME && self.current_state.as_ref() != Some(&weight_path) {
+                self.survey.states.push((param.id, weight_path.clone()));
+                self.current_state = Some(weight_path);
             }
             return;
         }
+        self.current_state = None;
         let dims = param.lazy_shape().to_vec();
         self.survey.base_params += dims.iter().product::<usize>();
         // A parameter not yet initialized holds no quantized value; reading it would initialize it.

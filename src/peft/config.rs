@@ -39,8 +39,8 @@ impl TargetModules {
 /// The LoRA settings of a PEFT adapter, as `adapter_config.json` holds them.
 ///
 /// Unknown fields are kept in [`extra`](Self::extra) and written back, since PEFT adds fields
-/// often. Fields that would change what the adapter means (`modules_to_save`, an unconverted
-/// base-rewriting init...) are refused by [`from_json`](Self::from_json).
+/// often. Fields that would change what the adapter means (`trainable_token_indices`, an
+/// unconverted base-rewriting init...) are refused by [`from_json`](Self::from_json).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
     /// `r`: the default rank.
@@ -69,6 +69,9 @@ pub struct AdapterConfig {
     pub base_model_name_or_path: Option<String>,
     /// `task_type`, such as `CAUSAL_LM`.
     pub task_type: Option<String>,
+    /// `modules_to_save`: modules the adapter trains in full, such as a classifier head. Their
+    /// copies are in the weights file under the modules' own keys (`…classifier.weight`).
+    pub modules_to_save: Option<Vec<String>>,
     /// Every other field, kept as read.
     pub extra: Map<String, Value>,
 }
@@ -92,6 +95,7 @@ struct ConfigFile {
     alpha_pattern: Vec<(String, f64)>,
     base_model_name_or_path: Option<String>,
     task_type: Option<String>,
+    modules_to_save: Option<Vec<String>>,
     bias: Option<String>,
     fan_in_fan_out: Option<bool>,
     #[serde(flatten)]
@@ -197,6 +201,7 @@ impl AdapterConfig {
             alpha_pattern: Vec::new(),
             base_model_name_or_path: None,
             task_type: None,
+            modules_to_save: None,
             extra: Map::new(),
         }
     }
@@ -271,6 +276,7 @@ impl AdapterConfig {
             alpha_pattern: file.alpha_pattern,
             base_model_name_or_path: file.base_model_name_or_path,
             task_type: file.task_type,
+            modules_to_save: file.modules_to_save,
             extra: file.extra,
         })
     }
@@ -353,7 +359,6 @@ impl AdapterConfig {
         for (key, value) in [
             ("inference_mode", json!(true)),
             ("init_lora_weights", json!(true)),
-            ("modules_to_save", Value::Null),
             ("revision", Value::Null),
         ] {
             fields.insert(key.to_string(), value);
@@ -375,6 +380,7 @@ impl AdapterConfig {
             ("bias", json!("none")),
             ("fan_in_fan_out", json!(false)),
             ("target_modules", modules(&self.target_modules)),
+            ("modules_to_save", json!(self.modules_to_save)),
             ("exclude_modules", modules(&self.exclude_modules)),
             ("layers_to_transform", json!(self.layers_to_transform)),
             ("layers_pattern", json!(self.layers_pattern)),
@@ -474,10 +480,6 @@ fn refuse_unsupported(
         Some(_) => true,
     };
     let refused = [
-        (
-            "modules_to_save",
-            "modules_to_save (fully trained modules beside the adapter)",
-        ),
         ("lora_bias", "LoRA biases (lora_bias = true)"),
         ("layer_replication", "layer_replication"),
         (
@@ -580,7 +582,10 @@ mod tests {
     fn unsupported_features_are_refused() {
         let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16"#;
         for (extra, word) in [
-            (r#""modules_to_save": ["classifier"]"#, "modules_to_save"),
+            (
+                r#""trainable_token_indices": [1, 2]"#,
+                "trainable_token_indices",
+            ),
             (
                 r#""init_lora_weights": "pissa_niter_4""#,
                 "rewrites the base",

@@ -8,14 +8,16 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::config::{AdapterConfig, TargetModules};
 use super::files::{DIGEST_FIELD, HostTensor, digest, lock, read_file, read_tensors};
-use super::keys::{Factor, Key, KeyMap, factor_key, factor_segment, parse_key, peft_shapes};
+use super::keys::{
+    Factor, Key, KeyMap, PEFT_PREFIX, factor_key, factor_segment, parse_key, peft_shapes,
+};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::adapter::layout::float_dtype;
 use crate::error::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
-use crate::model::attach::attach_adapters;
+use crate::model::attach::{attach_adapters, saved_module_of};
 use crate::model::snapshot::Snapshot;
 use crate::model::survey::weight_path_of;
-use crate::{Adapter, LayerKind, LoraError};
+use crate::{Adapter, LayerKind, LoraError, SavedCopy};
 
 /// How [`load_adapter_with`](crate::peft::load_adapter_with) reads an adapter.
 #[derive(Debug, Clone)]
@@ -110,8 +112,8 @@ impl PeftAdapter {
     /// # Errors
     ///
     /// [`LoraError::InvalidSafetensors`], [`LoraError::InvalidConfig`] and
-    /// [`LoraError::UnsupportedAdapter`] (a config or a tensor key of `modules_to_save`, LoRA
-    /// biases, unconverted base-rewriting inits...).
+    /// [`LoraError::UnsupportedAdapter`] (a config or a tensor key of LoRA biases, trainable
+    /// tokens, unconverted base-rewriting inits...).
     pub fn from_bytes(weights: &[u8], config: &str, source: &str) -> Result<Self, LoraError> {
         let config = AdapterConfig::from_json(config, &format!("{source}/{CONFIG_FILE}"))?;
         let tensors = read_tensors(weights, &format!("{source}/{WEIGHTS_FILE}"))?;
@@ -163,6 +165,11 @@ impl PeftAdapter {
             adapter: name.to_string(),
             ..Default::default()
         };
+        let saved_tensors: Vec<&HostTensor> = self
+            .tensors
+            .iter()
+            .filter(|tensor| self.saved_key(&tensor.key))
+            .collect();
         let pairs = self.pair_tensors(&mut report);
         let mut accepted: Vec<CheckedModule> = Vec::new();
         for (module, tensors) in &pairs {
@@ -252,6 +259,7 @@ impl PeftAdapter {
             adapters.push((path, adapter.with_trainable(options.trainable)));
         }
 
+        let copies = self.saved_copies(name, &snapshot, &saved_tensors, options, &mut report);
         if (options.strict && !report.is_clean()) || adapters.is_empty() {
             if adapters.is_empty() && report.is_clean() {
                 report.notes.push("the file holds no LoRA tensors".into());
@@ -262,7 +270,152 @@ impl PeftAdapter {
                 report: Box::new(report),
             });
         }
-        Ok((attach_adapters(snapshot, adapters, HashMap::new()), report))
+        report.saved = copies.iter().map(|(path, _)| path.clone()).collect();
+        Ok((
+            attach_adapters(snapshot, adapters, copies, HashMap::new()),
+            report,
+        ))
+    }
+
+    /// Whether `key` holds a copy of a parameter of a `modules_to_save` module: a key that is
+    /// no LoRA tensor, under a module the config lists.
+    fn saved_key(&self, key: &str) -> bool {
+        let Some(names) = &self.config.modules_to_save else {
+            return false;
+        };
+        if !matches!(parse_key(key), Key::Other) {
+            return false;
+        }
+        let path = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+        let module = path.rsplit_once('.').map_or("", |(module, _)| module);
+        names
+            .iter()
+            .any(|name| saved_module_of(module, name).is_some())
+    }
+
+    /// The adapter's copies of the `modules_to_save` parameters, from `tensors` (their keys in
+    /// PyTorch's names and layouts); problems go to the report. Every parameter of a saved
+    /// module the model has must be in the file.
+    fn saved_copies<M: Module>(
+        &self,
+        name: &str,
+        snapshot: &Snapshot<M>,
+        tensors: &[&HostTensor],
+        options: &LoadOptions,
+        report: &mut LoadReport,
+    ) -> Vec<(String, SavedCopy)> {
+        let mut found: Vec<(String, &HostTensor, bool)> = Vec::new();
+        for tensor in tensors {
+            let path = tensor.key.strip_prefix(PEFT_PREFIX).unwrap_or(&tensor.key);
+            let (module, param) = path.rsplit_once('.').unwrap_or(("", path));
+            let module = options.key_map.to_burn(module);
+            // PyTorch names a norm's parameters `weight` and `bias`, Burn `gamma` and `beta`.
+            let names: &[&str] = match param {
+                "weight" => &["weight", "gamma"],
+                "bias" => &["bias", "beta"],
+                other => &[other],
+            };
+            let Some(site) = snapshot.survey.params.iter().find(|site| {
+                site.module_path() == module
+                    && names
+                        .iter()
+                        .any(|name| site.path.ends_with(&format!(".{name}")))
+            }) else {
+                report.unexpected.push(format!(
+                    "{} (modules_to_save: the model has no parameter `{module}.{param}`)",
+                    tensor.key
+                ));
+                continue;
+            };
+            // A linear weight is `[d_out, d_in]` in PyTorch.
+            let transposed = matches!(site.owner.as_str(), "Linear" | "LoraLinear")
+                && site.path.ends_with(".weight")
+                && site.dims.len() == 2;
+            let expected = match transposed {
+                true => vec![site.dims[1], site.dims[0]],
+                false => site.dims.clone(),
+            };
+            if tensor.shape != expected {
+                report.shape_mismatches.push(ShapeMismatch {
+                    key: tensor.key.clone(),
+                    expected,
+                    found: tensor.shape.clone(),
+                    reason: format!("modules_to_save copy of `{}` {:?}", site.path, site.dims),
+                });
+                continue;
+            }
+            match &tensor.values {
+                None => report.unusable_dtypes.push(DtypeNote {
+                    key: tensor.key.clone(),
+                    stored: tensor.dtype.clone(),
+                }),
+                Some(values) if values.iter().any(|v| !v.is_finite()) => {
+                    report.non_finite.push(tensor.key.clone())
+                }
+                Some(_) => found.push((site.path.clone(), tensor, transposed)),
+            }
+        }
+        // Every parameter of every saved module the model has.
+        for name in self.config.modules_to_save.iter().flatten() {
+            let mut matched = false;
+            for site in &snapshot.survey.params {
+                if saved_module_of(site.module_path(), name).is_none() {
+                    continue;
+                }
+                matched = true;
+                if !found.iter().any(|(path, _, _)| *path == site.path) {
+                    let peft = options.key_map.to_peft(site.module_path());
+                    report.missing.push(format!(
+                        "{PEFT_PREFIX}{peft}.<{}> (modules_to_save `{name}` holds `{}`)",
+                        site.path.rsplit('.').next().unwrap_or_default(),
+                        site.path
+                    ));
+                }
+            }
+            if !matched {
+                report.notes.push(format!(
+                    "modules_to_save `{name}` matches no module of the model (PEFT's task types \
+                     list heads that a model may not have)"
+                ));
+            }
+        }
+        // In the model's order, whatever the file's.
+        let order = |path: &String| {
+            let sites = &snapshot.survey.params;
+            sites.iter().position(|site| site.path == *path)
+        };
+        found.sort_by_key(|(path, _, _)| order(path));
+        let paths: Vec<String> = found.iter().map(|(path, _, _)| path.clone()).collect();
+        let originals = snapshot.values(&paths);
+        let mut copies = Vec::new();
+        for (path, tensor, transposed) in found {
+            let original = &originals[&path];
+            let values = tensor.values.clone().expect("checked usable");
+            let device = original.device();
+            let count = values.len();
+            let value = match transposed {
+                true => {
+                    Tensor::<2>::from_data(TensorData::new(values, tensor.shape.clone()), &device)
+                        .transpose()
+                        .reshape([count])
+                }
+                false => Tensor::<1>::from_data(TensorData::new(values, [count]), &device),
+            };
+            let value = value.cast(float_dtype(original.dtype()));
+            if !value.clone().is_finite().all().into_scalar::<bool>() {
+                report.non_finite.push(format!(
+                    "{} (overflows the parameter's {:?})",
+                    tensor.key,
+                    original.dtype()
+                ));
+                continue;
+            }
+            copies.push((
+                path,
+                SavedCopy::new(name, value).with_trainable(options.trainable),
+            ));
+        }
+        copies
     }
 
     /// Group the adapter tensors by module; report the keys that are no adapter tensor.
@@ -277,7 +430,9 @@ impl PeftAdapter {
                 adapter,
             } = parse_key(&tensor.key)
             else {
-                report.unexpected.push(tensor.key.clone());
+                if !self.saved_key(&tensor.key) {
+                    report.unexpected.push(tensor.key.clone());
+                }
                 continue;
             };
             // A file holds one adapter; keys naming a second one do not belong to it.

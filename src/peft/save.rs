@@ -11,7 +11,7 @@ use super::config::{AdapterConfig, TargetModules};
 use super::files::{
     DIGEST_FIELD, OutTensor, digest, encode, io_error, lock, publish, write_tensors,
 };
-use super::keys::{Factor, KeyMap, factor_key, peft_shapes};
+use super::keys::{Factor, KeyMap, PEFT_PREFIX, factor_key, peft_shapes};
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::config::scaling::alpha_for_scale;
 use crate::model::snapshot::Snapshot;
@@ -130,6 +130,62 @@ pub(crate) fn save<M: Module>(
         }
         entries.push(entry(peft_path, adapter, rank));
     }
+    // The adapter's copies of modules_to_save, under the modules' own keys, in PyTorch's
+    // names and layouts, as PEFT writes them.
+    let mut saved_modules: Vec<String> = Vec::new();
+    for (param_path, state) in &snapshot.states {
+        let Some(copy) = state.copies.iter().find(|copy| copy.name == name) else {
+            continue;
+        };
+        let module = module_path_of(param_path);
+        let peft_module = options.key_map.to_peft_checked(module)?;
+        let site = snapshot
+            .survey
+            .params
+            .iter()
+            .find(|site| site.path == *param_path)
+            .expect("copies sit on parameters of the model");
+        let param = match param_path.rsplit('.').next().unwrap_or_default() {
+            "gamma" => "weight",
+            "beta" => "bias",
+            other => other,
+        };
+        let count = site.dims.iter().product::<usize>();
+        let linear_weight = matches!(site.owner.as_str(), "Linear" | "LoraLinear")
+            && param == "weight"
+            && site.dims.len() == 2;
+        let (value, shape) = match linear_weight {
+            true => (
+                copy.value_as::<2>(site.dims.clone().into())
+                    .transpose()
+                    .reshape([1, count]),
+                vec![site.dims[1], site.dims[0]],
+            ),
+            false => (copy.value.val().reshape([1, count]), site.dims.clone()),
+        };
+        let key = format!("{PEFT_PREFIX}{peft_module}.{param}");
+        let tensor = out_tensor(key, value, shape).ok_or_else(|| LoraError::NonFiniteAdapter {
+            path: param_path.clone(),
+            adapter: name.to_string(),
+        })?;
+        tensors.push(tensor);
+        if !saved_modules.contains(&peft_module) {
+            saved_modules.push(peft_module);
+        }
+    }
+    if entries.is_empty() {
+        let (path, _) = snapshot
+            .states
+            .first()
+            .expect("an adapted model has a state");
+        return Err(LoraError::UnsupportedVariant {
+            what: "saving an adapter with modules_to_save only (a PEFT LoRA file has target \
+                   modules)"
+                .into(),
+            path: module_path_of(path).to_string(),
+            adapter: name.to_string(),
+        });
+    }
     let dora = entries.iter().filter(|entry| entry.dora).count();
     if dora != 0 && dora != entries.len() {
         let (weight_path, _) = snapshot
@@ -146,6 +202,7 @@ pub(crate) fn save<M: Module>(
         });
     }
     let mut config = adapter_config(&snapshot, &entries, options);
+    config.modules_to_save = (!saved_modules.is_empty()).then_some(saved_modules);
     let weights_path = dir.join(WEIGHTS_FILE);
     let config_path = dir.join(CONFIG_FILE);
     let bytes = write_tensors(&tensors, &weights_path.display().to_string())?;

@@ -1,0 +1,265 @@
+//! The reference ports of `examples/hf` load checkpoints saved by transformers and give its
+//! logits: the base model, the model PEFT merged, and the base with PEFT's adapter loaded
+//! through the port's key map (`tests/fixtures/hf`, made by `tests/fixtures/gen_hf_models.py`).
+
+mod common;
+#[allow(dead_code)] // each test uses a part of the ports
+#[path = "../examples/hf/mod.rs"]
+mod hf;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use burn_lora::peft::{KeyMap, LoadOptions, load_adapter_with};
+use common::{HostTensor, devices, param_ids};
+use safetensors::{Dtype, SafeTensors};
+
+/// Logits within this of transformers' (absolute): float32 on both sides.
+const TOLERANCE: f64 = 1e-4;
+
+fn case_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(case)
+}
+
+/// The inputs and outputs transformers recorded for a case.
+struct Io {
+    bytes: Vec<u8>,
+}
+
+impl Io {
+    fn read(case: &str) -> Self {
+        let path = case_dir(case).join("io.safetensors");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { bytes }
+    }
+
+    fn view(&self, name: &str) -> (Vec<usize>, Dtype, Vec<u8>) {
+        let tensors = SafeTensors::deserialize(&self.bytes).expect("valid io.safetensors");
+        let view = tensors
+            .tensor(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        (view.shape().to_vec(), view.dtype(), view.data().to_vec())
+    }
+
+    /// An int64 tensor such as `input_ids`.
+    fn ids(&self, name: &str, device: &Device) -> Tensor<2, Int> {
+        let (shape, dtype, data) = self.view(name);
+        assert_eq!(dtype, Dtype::I64, "{name}");
+        let values: Vec<i64> = data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
+
+    /// A float32 tensor such as `base_logits`, on the host.
+    fn logits(&self, name: &str) -> HostTensor {
+        let (shape, dtype, data) = self.view(name);
+        assert_eq!(dtype, Dtype::F32, "{name}");
+        let values: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        HostTensor::from(TensorData::new(values, shape))
+    }
+}
+
+/// `max |found - expected|`.
+fn max_abs_error(found: HostTensor, expected: &HostTensor) -> f64 {
+    assert_eq!(found.dims, expected.dims, "logit shapes");
+    found
+        .values
+        .iter()
+        .zip(&expected.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}
+
+fn assert_logits(label: &str, found: HostTensor, expected: &HostTensor) {
+    let error = max_abs_error(found, expected);
+    assert!(
+        error < TOLERANCE,
+        "{label}: logits differ from transformers' by {error:e}"
+    );
+}
+
+#[test]
+fn llama_gives_the_logits_of_transformers() {
+    let io = Io::read("llama");
+    for (backend, device) in devices() {
+        let input_ids = io.ids("input_ids", &device);
+        let dir = case_dir("llama");
+        let (base, config) = hf::llama::load(&dir.join("base"), &device).unwrap();
+        assert!(!config.tie_word_embeddings);
+        let logits = |model: &hf::llama::LlamaForCausalLM| {
+            HostTensor::from(model.forward(input_ids.clone()))
+        };
+        assert_logits(
+            &format!("{backend} base"),
+            logits(&base),
+            &io.logits("base_logits"),
+        );
+
+        let (merged, _) = hf::llama::load(&dir.join("merged"), &device).unwrap();
+        assert_logits(
+            &format!("{backend} merged"),
+            logits(&merged),
+            &io.logits("merged_logits"),
+        );
+
+        let options = LoadOptions::new().with_key_map(hf::llama::key_map());
+        let (adapted, report) =
+            load_adapter_with(&base, dir.join("adapter"), "default", &options).unwrap();
+        assert_eq!(
+            report.loaded.len(),
+            14,
+            "{backend}: 7 projections × 2 layers\n{report}"
+        );
+        assert_logits(
+            &format!("{backend} adapted"),
+            logits(&adapted),
+            &io.logits("adapted_logits"),
+        );
+    }
+}
+
+#[test]
+fn gpt2_gives_the_logits_of_transformers() {
+    let io = Io::read("gpt2");
+    for (backend, device) in devices() {
+        let input_ids = io.ids("input_ids", &device);
+        let dir = case_dir("gpt2");
+        let (base, _) = hf::gpt2::load(&dir.join("base"), &device).unwrap();
+        let logits =
+            |model: &hf::gpt2::GPT2LMHeadModel| HostTensor::from(model.forward(input_ids.clone()));
+        assert_logits(
+            &format!("{backend} base"),
+            logits(&base),
+            &io.logits("base_logits"),
+        );
+
+        let (merged, _) = hf::gpt2::load(&dir.join("merged"), &device).unwrap();
+        assert_logits(
+            &format!("{backend} merged"),
+            logits(&merged),
+            &io.logits("merged_logits"),
+        );
+
+        // PEFT saved the adapter with `fan_in_fan_out = true`: its factors are in PyTorch's
+        // usual layout all the same, and load onto the `[d_in, d_out]` weights unchanged.
+        let options = LoadOptions::new().with_key_map(hf::gpt2::key_map());
+        let (adapted, report) =
+            load_adapter_with(&base, dir.join("adapter"), "default", &options).unwrap();
+        assert_eq!(
+            report.loaded.len(),
+            8,
+            "{backend}: 4 projections × 2 blocks\n{report}"
+        );
+        assert_logits(
+            &format!("{backend} adapted"),
+            logits(&adapted),
+            &io.logits("adapted_logits"),
+        );
+    }
+}
+
+#[test]
+fn bert_gives_the_logits_of_transformers() {
+    let io = Io::read("bert");
+    for (backend, device) in devices() {
+        let [input_ids, token_type_ids, attention_mask] =
+            ["input_ids", "token_type_ids", "attention_mask"].map(|name| io.ids(name, &device));
+        let dir = case_dir("bert");
+        let logits = |model: &hf::bert::BertForSequenceClassification| {
+            HostTensor::from(model.forward(
+                input_ids.clone(),
+                token_type_ids.clone(),
+                attention_mask.clone(),
+            ))
+        };
+        let (base, config) = hf::bert::load(&dir.join("base"), &device).unwrap();
+        assert_eq!(config.num_labels(), 3);
+        assert_logits(
+            &format!("{backend} base"),
+            logits(&base),
+            &io.logits("base_logits"),
+        );
+
+        let (merged, _) = hf::bert::load(&dir.join("merged"), &device).unwrap();
+        assert_logits(
+            &format!("{backend} merged"),
+            logits(&merged),
+            &io.logits("merged_logits"),
+        );
+    }
+}
+
+/// Every module path of the checkpoint maps to a module of the port and back, and every
+/// parameter of the port comes from the checkpoint.
+fn assert_key_map_complete_and_invertible<M: burn::module::Module>(
+    case: &str,
+    model: &M,
+    key_map: &KeyMap,
+) {
+    let path = case_dir(case).join("base/model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let checkpoint = SafeTensors::deserialize(&bytes).unwrap();
+    let split = |key: &str| {
+        let (module, param) = key.rsplit_once('.').unwrap();
+        (module.to_string(), param.to_string())
+    };
+    let port: BTreeSet<String> = param_ids(model).into_keys().collect();
+    let port_modules: BTreeSet<String> = port.iter().map(|key| split(key).0).collect();
+    let mut mapped = BTreeSet::new();
+    for key in checkpoint.names() {
+        let (module, _) = split(key);
+        let burn = key_map.to_burn(&module);
+        assert_eq!(
+            key_map.to_peft(&burn),
+            module,
+            "{case}: `{module}` → `{burn}` → back"
+        );
+        assert!(
+            port_modules.contains(&burn),
+            "{case}: `{key}` → `{burn}`: no such module"
+        );
+        mapped.insert(burn);
+    }
+    for module in &port_modules {
+        assert_eq!(
+            &key_map.to_burn(&key_map.to_peft(module)),
+            module,
+            "{case}: `{module}`"
+        );
+        assert!(
+            mapped.contains(module),
+            "{case}: `{module}` is not in the checkpoint"
+        );
+    }
+}
+
+#[test]
+fn the_key_maps_are_complete_and_invertible() {
+    let device = Device::flex();
+    let (llama, _) = hf::llama::load(&case_dir("llama").join("base"), &device).unwrap();
+    assert_key_map_complete_and_invertible("llama", &llama, &hf::llama::key_map());
+    let (gpt2, _) = hf::gpt2::load(&case_dir("gpt2").join("base"), &device).unwrap();
+    assert_key_map_complete_and_invertible("gpt2", &gpt2, &hf::gpt2::key_map());
+    let (bert, _) = hf::bert::load(&case_dir("bert").join("base"), &device).unwrap();
+    assert_key_map_complete_and_invertible("bert", &bert, &hf::bert::key_map());
+
+    // And the layouts of checkpoints the fixtures do not have.
+    let gpt2_bare = hf::gpt2::bare_key_map();
+    for module in ["h.3.attn.c_attn", "h.11.mlp.c_proj", "wte", "wpe", "ln_f"] {
+        let burn = gpt2_bare.to_burn(module);
+        assert_eq!(gpt2_bare.to_peft(&burn), module);
+        assert_eq!(
+            burn,
+            hf::gpt2::key_map().to_burn(&format!("transformer.{module}"))
+        );
+    }
+}
