@@ -194,17 +194,7 @@ impl BertForSequenceClassification {
 /// reverse order when saving, so that each sees the names the previous one left: the
 /// attention's `output.dense` is renamed before the feed-forward block's.
 pub fn key_map() -> KeyMap {
-    KeyMap::new()
-        .rename("bert.embeddings", "embeddings")
-        .rename("embeddings.LayerNorm", "embeddings.norm")
-        .rename("bert.encoder.layer", "encoder.layers")
-        .rename("bert.pooler.dense", "pooler")
-        .rename("attention.self", "mha")
-        .rename("attention.output.dense", "mha.output")
-        .rename("attention.output.LayerNorm", "norm_1")
-        .rename("intermediate.dense", "pwff.linear_inner")
-        .rename("output.dense", "pwff.linear_outer")
-        .rename("output.LayerNorm", "norm_2")
+    KeyMap::bert()
 }
 
 /// The checkpoint's layout: [`key_map`], and the `position_ids` buffer older checkpoints

@@ -231,11 +231,7 @@ impl Gpt2Mlp {
 
 /// Hugging Face's names (`GPT2LMHeadModel`'s, with the `transformer.` prefix) ↔ this port's.
 pub fn key_map() -> KeyMap {
-    KeyMap::new()
-        .rename("transformer.wte", "wte")
-        .rename("transformer.wpe", "wpe")
-        .rename("transformer.h", "blocks")
-        .rename("transformer.ln_f", "ln_f")
+    KeyMap::gpt2()
 }
 
 /// [`key_map`] for the checkpoints saved from `GPT2Model`, without the `transformer.` prefix

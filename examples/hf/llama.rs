@@ -120,22 +120,30 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return Err(format!("hidden_act {:?} is not supported", self.hidden_act));
         }
-        let rope = RotaryConfig::new(self.max_position_embeddings)
-            .with_theta(self.rope_theta()? as f32)
-            .with_layout(RotaryLayout::Halves);
         let attention = GroupedQueryAttentionConfig::new(
             self.hidden_size,
             self.num_attention_heads,
             self.num_key_value_heads.unwrap_or(self.num_attention_heads),
         )
         .with_d_head(self.head_dim)
-        .with_bias(self.attention_bias)
-        .with_rope(Some(rope));
+        .with_bias(self.attention_bias);
+        // One rotary table for every layer: a clone shares it.
+        let d_head = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        let rope = RotaryConfig::new(self.max_position_embeddings)
+            .with_theta(self.rope_theta()? as f32)
+            .with_layout(RotaryLayout::Halves)
+            .init(d_head, device);
+        let self_attn = || GroupedQueryAttention {
+            rope: Some(rope.clone()),
+            ..attention.init(device)
+        };
         let norm = RmsNormConfig::new(self.hidden_size).with_epsilon(self.rms_norm_eps);
         let layers = (0..self.num_hidden_layers)
             .map(|_| LlamaDecoderLayer {
                 input_norm: norm.init(device),
-                self_attn: attention.init(device),
+                self_attn: self_attn(),
                 post_attention_norm: norm.init(device),
                 mlp: LlamaMlp {
                     swiglu: SwiGluConfig::new(self.hidden_size, self.intermediate_size)
@@ -237,18 +245,7 @@ impl LlamaDecoderLayer {
 
 /// Hugging Face's names ↔ this port's.
 pub fn key_map() -> KeyMap {
-    KeyMap::new()
-        .rename("model.embed_tokens", "embed_tokens")
-        .rename("model.layers", "layers")
-        .rename("model.norm", "norm")
-        .rename("input_layernorm", "input_norm")
-        .rename("post_attention_layernorm", "post_attention_norm")
-        .rename("q_proj", "query")
-        .rename("k_proj", "key")
-        .rename("v_proj", "value")
-        .rename("o_proj", "output")
-        .rename("gate_proj", "swiglu.linear_inner")
-        .rename("up_proj", "swiglu.linear_outer")
+    KeyMap::llama()
 }
 
 /// The checkpoint's layout: [`key_map`], and the tensors a Llama checkpoint may hold that the

@@ -97,6 +97,100 @@ impl KeyMap {
         Ok(self)
     }
 
+    /// Hugging Face's Llama names (`LlamaForCausalLM`; Mistral and Qwen2 use the same) ↔ a
+    /// port built from [`nn::GroupedQueryAttention`](crate::nn::GroupedQueryAttention) and
+    /// [`nn::SwiGlu`](crate::nn::SwiGlu), as `examples/hf/llama.rs` is:
+    ///
+    /// | Hugging Face | port |
+    /// |---|---|
+    /// | `model.embed_tokens`, `model.norm`, `lm_head` | `embed_tokens`, `norm`, `lm_head` |
+    /// | `model.layers.N.{input,post_attention}_layernorm` | `layers.N.{input,post_attention}_norm` |
+    /// | `model.layers.N.self_attn.{q,k,v,o}_proj` | `layers.N.self_attn.{query,key,value,output}` |
+    /// | `model.layers.N.mlp.{gate,up}_proj` | `layers.N.mlp.swiglu.linear_{inner,outer}` |
+    /// | `model.layers.N.mlp.down_proj` | `layers.N.mlp.down_proj` |
+    ///
+    /// ```
+    /// use burn_lora::peft::KeyMap;
+    ///
+    /// let map = KeyMap::llama();
+    /// assert_eq!(map.to_burn("model.layers.3.self_attn.q_proj"), "layers.3.self_attn.query");
+    /// assert_eq!(map.to_peft("layers.0.mlp.swiglu.linear_inner"), "model.layers.0.mlp.gate_proj");
+    /// ```
+    pub fn llama() -> Self {
+        Self::new()
+            .rename("model.embed_tokens", "embed_tokens")
+            .rename("model.layers", "layers")
+            .rename("model.norm", "norm")
+            .rename("input_layernorm", "input_norm")
+            .rename("post_attention_layernorm", "post_attention_norm")
+            .rename("q_proj", "query")
+            .rename("k_proj", "key")
+            .rename("v_proj", "value")
+            .rename("o_proj", "output")
+            .rename("gate_proj", "swiglu.linear_inner")
+            .rename("up_proj", "swiglu.linear_outer")
+    }
+
+    /// Hugging Face's GPT-2 names (`GPT2LMHeadModel`) ↔ a port that keeps GPT-2's layer names
+    /// under Burn-style containers, as `examples/hf/gpt2.rs` does: `transformer.wte`,
+    /// `transformer.wpe`, `transformer.ln_f` lose their prefix, and `transformer.h.N` becomes
+    /// `blocks.N` (its `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`
+    /// keep their names). GPT-2's weights are `Conv1D`, stored `[d_in, d_out]`: load them with
+    /// [`HfCheckpoint::with_fan_in_fan_out`](crate::store::HfCheckpoint::with_fan_in_fan_out).
+    ///
+    /// ```
+    /// use burn_lora::peft::KeyMap;
+    ///
+    /// let map = KeyMap::gpt2();
+    /// assert_eq!(map.to_burn("transformer.h.1.attn.c_attn"), "blocks.1.attn.c_attn");
+    /// assert_eq!(map.to_peft("ln_f"), "transformer.ln_f");
+    /// ```
+    pub fn gpt2() -> Self {
+        Self::new()
+            .rename("transformer.wte", "wte")
+            .rename("transformer.wpe", "wpe")
+            .rename("transformer.h", "blocks")
+            .rename("transformer.ln_f", "ln_f")
+    }
+
+    /// Hugging Face's BERT names (`BertModel`, `BertForSequenceClassification`) ↔ a port whose
+    /// encoder is [`nn::TransformerEncoder`](crate::nn::TransformerEncoder) (BERT's post-norm
+    /// layer is Burn's), as `examples/hf/bert.rs` is:
+    ///
+    /// | Hugging Face | port |
+    /// |---|---|
+    /// | `bert.embeddings.{word,position,token_type}_embeddings` | `embeddings.…` |
+    /// | `bert.embeddings.LayerNorm` | `embeddings.norm` |
+    /// | `bert.encoder.layer.N.attention.self.{query,key,value}` | `encoder.layers.N.mha.{query,key,value}` |
+    /// | `….attention.output.dense`, `….attention.output.LayerNorm` | `….mha.output`, `….norm_1` |
+    /// | `….intermediate.dense`, `….output.dense`, `….output.LayerNorm` | `….pwff.linear_inner`, `….pwff.linear_outer`, `….norm_2` |
+    /// | `bert.pooler.dense`, `classifier` | `pooler`, `classifier` |
+    ///
+    /// The attention's `output.dense` is renamed before the feed-forward's, which it contains.
+    ///
+    /// ```
+    /// use burn_lora::peft::KeyMap;
+    ///
+    /// let map = KeyMap::bert();
+    /// let hf = "bert.encoder.layer.0.attention.output.dense";
+    /// assert_eq!(map.to_burn(hf), "encoder.layers.0.mha.output");
+    /// assert_eq!(map.to_burn("bert.encoder.layer.0.output.dense"), "encoder.layers.0.pwff.linear_outer");
+    /// assert_eq!(map.to_peft("encoder.layers.0.mha.output"), hf);
+    /// ```
+    pub fn bert() -> Self {
+        Self::new()
+            .rename("bert.embeddings", "embeddings")
+            .rename("embeddings.LayerNorm", "embeddings.norm")
+            .rename("bert.encoder.layer", "encoder.layers")
+            .rename("bert.pooler.dense", "pooler")
+            .rename("attention.self", "mha")
+            .rename("attention.output.dense", "mha.output")
+            .rename("attention.output.LayerNorm", "norm_1")
+            .rename("intermediate.dense", "pwff.linear_inner")
+            .rename("output.dense", "pwff.linear_outer")
+            .rename("output.LayerNorm", "norm_2")
+    }
+
     /// The Burn module path of a PEFT module path (without `base_model.model.`).
     pub fn to_burn(&self, peft_path: &str) -> String {
         self.rules

@@ -367,17 +367,18 @@ impl HfCheckpoint {
         path: impl AsRef<Path>,
     ) -> Result<(), LoraError> {
         let path = path.as_ref();
+        let adapter = LoraToPyTorchAdapter::new().with_fan_in_fan_out(self.fan_in_fan_out.clone());
+        // The store renames after the adapter has (a norm's `gamma` is `weight` by then), so
+        // the remapper is built on the adapter's names.
         let keys: Vec<String> = model
-            .collect(None, None, false)
+            .collect(None, Some(adapter.clone_box()), false)
             .into_iter()
             .map(|tensor| tensor.name)
             .collect();
         let remapper = self.map.save_remapper(keys.iter().map(String::as_str))?;
         let mut store = SafetensorsStore::from_file(path)
             .remap(remapper)
-            .with_to_adapter(
-                LoraToPyTorchAdapter::new().with_fan_in_fan_out(self.fan_in_fan_out.clone()),
-            )
+            .with_to_adapter(adapter)
             .overwrite(true);
         model
             .save_into(&mut store)

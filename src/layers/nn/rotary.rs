@@ -51,18 +51,19 @@ impl RotaryConfig {
             "RoPE needs a positive theta, got {}",
             self.theta
         );
-        let half = d_head / 2;
+        // theta^(-2i/d_head) for each pair i, and the pair each feature belongs to.
+        let frequencies: Vec<f64> = (0..d_head / 2)
+            .map(|pair| (self.theta as f64).powf(-((2 * pair) as f64) / d_head as f64))
+            .collect();
+        let pair_of = |feature: usize| match self.layout {
+            RotaryLayout::Halves => feature % (d_head / 2),
+            RotaryLayout::Interleaved => feature / 2,
+        };
         let mut cos = Vec::with_capacity(self.max_sequence_length * d_head);
         let mut sin = Vec::with_capacity(self.max_sequence_length * d_head);
         for position in 0..self.max_sequence_length {
             for feature in 0..d_head {
-                // The frequency index of the pair this feature belongs to.
-                let pair = match self.layout {
-                    RotaryLayout::Halves => feature % half,
-                    RotaryLayout::Interleaved => feature / 2,
-                };
-                let frequency = (self.theta as f64).powf(-((2 * pair) as f64) / d_head as f64);
-                let angle = position as f64 * frequency;
+                let angle = position as f64 * frequencies[pair_of(feature)];
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
@@ -86,8 +87,9 @@ impl RotaryConfig {
 /// relative positions only.
 ///
 /// The tables are constants, not parameters, as Burn's `RotaryEncoding` holds its
-/// `freq_complex`: they are in no record, and adapters never target them. `Interleaved` gives
-/// Burn's `RotaryEncoding` outputs; `Halves` gives Hugging Face's.
+/// `freq_complex`: they are in no record, and adapters never target them. A clone shares them,
+/// so a model's layers can share one table (`max_sequence_length · d_head` values each).
+/// `Interleaved` gives Burn's `RotaryEncoding` outputs; `Halves` gives Hugging Face's.
 #[derive(Module, Debug)]
 #[module(custom_display)]
 pub struct RotaryEmbedding {
