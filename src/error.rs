@@ -268,6 +268,18 @@ pub enum LoraError {
         path: String,
     },
 
+    /// An adapter name that cannot name a directory of its own, which PEFT's layout of several
+    /// adapters gives every adapter but `default` (empty, `.`, `..`, a path separator, a
+    /// leading `.`...), or a directory listing two adapters that PEFT would both call
+    /// `default`. Nothing was written or loaded.
+    #[error("adapter name `{name}` cannot be used in a PEFT adapter directory: {reason}")]
+    InvalidAdapterName {
+        /// The name.
+        name: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
     /// An `adapter_config.json` with invalid JSON, a missing field or a field of the wrong type.
     #[error("{path}: invalid adapter config: {message}")]
     InvalidConfig {

@@ -198,6 +198,14 @@ fn gpt2_gives_the_logits_of_transformers() {
             logits(&adapted),
             &io.logits("adapted_logits"),
         );
+        // Merged here, onto the `[d_in, d_out]` Conv1D weights, as PEFT merges with
+        // `fan_in_fan_out`.
+        let merged_here = adapted.merge_and_unload_lora().unwrap();
+        assert_logits(
+            &format!("{backend} merged here"),
+            logits(&merged_here),
+            &io.logits("merged_logits"),
+        );
     }
 }
 

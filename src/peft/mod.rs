@@ -30,16 +30,24 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Several adapters share a directory as PEFT's `save_pretrained` lays them out: the adapter
+//! `default` at the root, every other adapter `name` in the subdirectory `name/`, which PEFT
+//! reads back with `PeftModel.from_pretrained(model, dir)` and
+//! `load_adapter(dir/name, adapter_name=name)`. [`save_adapters`] writes them, each adapter's
+//! pair of files as one unit (the set is not one unit); [`load_adapters`] attaches them, all or
+//! nothing; [`adapter_dirs`] lists them.
+//!
 //! Loading is strict by default: missing or unexpected keys, shapes or ranks that disagree with
 //! the model or the config, unusable dtypes, empty tensors and NaN or Inf all fail, with a
 //! [`LoadReport`] that lists every one. `modules_to_save` (a classifier head trained in full)
 //! loads as the adapter's own copy of the module. Features burn-lora cannot reproduce (LoRA
 //! biases, trainable tokens, files still relative to a base rewritten by PiSSA, OLoRA or
-//! LoftQ...) are refused whole, never half-applied. A PiSSA or OLoRA adapter trained here is saved as PEFT converts
-//! it: a plain LoRA of rank `2r` for the original base. Writes go through a temporary file and
-//! a rename, so a crash never leaves half a file.
+//! LoftQ...) are refused whole, never half-applied. A PiSSA or OLoRA adapter trained here is
+//! saved as PEFT converts it: a plain LoRA of rank `2r` for the original base. Writes go
+//! through a temporary file and a rename, so a crash never leaves half a file.
 
 mod config;
+mod dirs;
 mod files;
 mod keys;
 mod load;
@@ -51,6 +59,7 @@ use burn::module::Module;
 
 pub use crate::error::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 pub use config::{AdapterConfig, TargetModules};
+pub use dirs::{adapter_dirs, load_adapters, save_adapters};
 pub use keys::{KeyMap, PEFT_PREFIX};
 pub use load::{LoadOptions, PeftAdapter};
 pub use save::{SaveOptions, SavedAdapter};
