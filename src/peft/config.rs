@@ -498,9 +498,26 @@ fn refuse_unsupported(
             return Err(unsupported(format!("{feature}: {}", fields[key])));
         }
     }
+    // Variants whose config is `null` unless they are on, and which change what the factors
+    // compute: any value at all is refused.
+    let variants = [
+        (
+            "kasa_config",
+            "KaSA (kasa_config: a truncated base and a trained diagonal between A and B)",
+        ),
+        (
+            "arrow_config",
+            "an Arrow router (arrow_config: it mixes other adapters per token)",
+        ),
+    ];
+    for (key, feature) in variants {
+        if !matches!(fields.get(key), None | Some(Value::Null)) {
+            return Err(unsupported(format!("{feature}: {}", fields[key])));
+        }
+    }
     if let Some(Value::String(init)) = fields.get("init_lora_weights") {
         let lower = init.to_lowercase();
-        let rewrites_base = ["pissa", "olora", "loftq", "corda"]
+        let rewrites_base = ["pissa", "olora", "loftq", "corda", "lora_ga"]
             .iter()
             .any(|method| lower.starts_with(method));
         if rewrites_base {
@@ -586,6 +603,9 @@ mod tests {
                 r#""trainable_token_indices": [1, 2]"#,
                 "trainable_token_indices",
             ),
+            (r#""kasa_config": {}"#, "KaSA"),
+            (r#""arrow_config": {"top_k": 2}"#, "Arrow"),
+            (r#""init_lora_weights": "lora_ga""#, "rewrites the base"),
             (
                 r#""init_lora_weights": "pissa_niter_4""#,
                 "rewrites the base",
