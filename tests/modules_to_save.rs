@@ -1,6 +1,8 @@
 //! PEFT's `modules_to_save`: an adapter trains its own full copy of a module (a classifier
 //! head), the original stays for the base and the other adapters, and PEFT files carry the copy
-//! under the module's own keys.
+//! under the module's own keys. A property test runs random sequences of add, switch, disable,
+//! enable, delete, merge/unmerge and save/load against a shadow of the documented semantics and
+//! a naive f64 forward.
 
 mod common;
 
@@ -248,4 +250,232 @@ fn peft_files_carry_the_copy_under_the_module_keys() {
         .into_data()
         .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-6));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One step of a random sequence over a model with a saved classifier.
+#[derive(Debug, Clone)]
+enum Step {
+    Add(&'static str),
+    SetActive(&'static str),
+    Disable,
+    Enable,
+    Delete(&'static str),
+    MergeUnmerge,
+    SaveLoad(&'static str, &'static str),
+}
+
+const STEP_NAMES: [&str; 3] = ["a", "b", "c"];
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let name = || proptest::sample::select(STEP_NAMES.to_vec());
+    prop_oneof![
+        name().prop_map(Step::Add),
+        name().prop_map(Step::SetActive),
+        Just(Step::Disable),
+        Just(Step::Enable),
+        name().prop_map(Step::Delete),
+        Just(Step::MergeUnmerge),
+        (name(), name()).prop_map(|(from, to)| Step::SaveLoad(from, to)),
+    ]
+}
+
+/// The shadow of the model: the adapters in order, the active one, and whether adapters are
+/// enabled, following the documented semantics, never read from the model.
+#[derive(Debug, Default)]
+struct Shadow {
+    adapters: Vec<&'static str>,
+    active: Option<&'static str>,
+    enabled: bool,
+}
+
+/// The output of the model by hand, in f64: `tanh(x·Wq + bq + s·x·A·B)·Wc + bc`, with the
+/// active adapter's factors and copy when adapters are enabled (read from the model, chosen by
+/// the shadow), and the original head otherwise.
+fn reference(
+    model: &Classifier,
+    shadow: &Shadow,
+    original: &[common::HostTensor; 2],
+    x: &Tensor<2>,
+) -> common::HostTensor {
+    use common::HostTensor;
+    let host = |t: Tensor<2>| HostTensor::from(t);
+    let x = host(x.clone());
+    let weight = host(model.query.weight.base().clone());
+    let bias = HostTensor::from(model.query.bias.as_ref().unwrap().val());
+    let mut hidden = x.matmul(&weight);
+    let state = model
+        .query
+        .weight
+        .reparameterization::<burn_lora::LoraState>();
+    let active = shadow.active.filter(|_| shadow.enabled);
+    if let (Some(name), Some(state)) = (active, state) {
+        let adapter = state.adapter(name).expect("the active adapter is on query");
+        let delta = x
+            .matmul(&host(adapter.lora_a.val()))
+            .matmul(&host(adapter.lora_b.val()));
+        for (h, d) in hidden.values.iter_mut().zip(&delta.values) {
+            *h += adapter.scale * d;
+        }
+    }
+    let columns = hidden.dims[1];
+    for (index, h) in hidden.values.iter_mut().enumerate() {
+        *h = (*h + bias.values[index % columns]).tanh();
+    }
+    let copy = |param: &burn::module::Param<Tensor<1>>, fallback: &HostTensor| {
+        let state = param.reparameterization::<burn_lora::LoraState>();
+        match (active, state) {
+            (Some(name), Some(state)) => {
+                let copy = state
+                    .copies
+                    .iter()
+                    .find(|c| c.name == name)
+                    .expect("a copy");
+                HostTensor::from(copy.value.val())
+            }
+            _ => fallback.clone(),
+        }
+    };
+    let weight_copy = {
+        let state = model
+            .classifier
+            .weight
+            .reparameterization::<burn_lora::LoraState>();
+        match (active, state) {
+            (Some(name), Some(state)) => {
+                let copy = state
+                    .copies
+                    .iter()
+                    .find(|c| c.name == name)
+                    .expect("a copy");
+                HostTensor::from(copy.value_as::<2>([8, 3].into()))
+            }
+            _ => original[0].clone(),
+        }
+    };
+    let bias_copy = copy(model.classifier.bias.as_ref().unwrap(), &original[1]);
+    let mut output = hidden.matmul(&weight_copy);
+    for (index, y) in output.values.iter_mut().enumerate() {
+        *y += bias_copy.values[index % 3];
+    }
+    output
+}
+
+#[test]
+fn random_sequences_keep_copies_and_originals_apart() {
+    use proptest::test_runner::{Config, RngAlgorithm, RngSeed, TestCaseError, TestRunner};
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        rng_algorithm: RngAlgorithm::ChaCha,
+        rng_seed: RngSeed::Fixed(0x5A7E),
+        ..Config::default()
+    });
+    let strategy = (
+        proptest::prelude::any::<u64>(),
+        proptest::collection::vec(step(), 1..=10),
+    );
+    let dir = std::env::temp_dir().join(format!("burn_lora_saved_props_{}", std::process::id()));
+    let result = runner.run(&strategy, |(seed, steps)| {
+        let device = Device::flex();
+        device.seed(seed);
+        let base = Classifier::new(&device);
+        let x = Tensor::<2>::random([4, 8], Distribution::Uniform(-1.0, 1.0), &device);
+        let original_base = base_data(&base);
+        let original = [
+            common::HostTensor::from(base.classifier.weight.val()),
+            common::HostTensor::from(base.classifier.bias.as_ref().unwrap().val()),
+        ];
+        let (mut model, _) = config().apply(base.clone()).unwrap();
+        let mut shadow = Shadow {
+            adapters: vec!["default"],
+            active: Some("default"),
+            enabled: true,
+        };
+        let randomized = |model: Classifier| {
+            common::randomize(common::randomize(model, "value", 0.5), "lora_b", 0.5)
+        };
+        model = randomized(model);
+        let mut history = Vec::new();
+        for step in steps {
+            history.push(format!("{step:?}"));
+            let outcome: Result<Classifier, LoraError> = match &step {
+                Step::Add(name) => model.add_adapter(name, &config()).map(|(m, _)| m),
+                Step::SetActive(name) => model.set_active(&[name]),
+                Step::Disable => model.disable_adapters(),
+                Step::Enable => model.enable_adapters(),
+                Step::Delete(name) => model.delete_adapter(name),
+                Step::MergeUnmerge => model.merge_lora().and_then(|merged| {
+                    let expected = reference(&model, &shadow, &original, &x);
+                    let found = common::HostTensor::from(merged.forward(x.clone()));
+                    assert!(found.error_vs_max(&expected) < 1e-4, "merged: {history:?}");
+                    merged.unmerge_lora()
+                }),
+                Step::SaveLoad(from, to) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    save_adapter(&model, &dir, from)
+                        .and_then(|_| load_adapter(&model, &dir, to).map(|(m, _)| m))
+                }
+            };
+            // The shadow says what must happen.
+            let known = |name: &str| shadow.adapters.contains(&name);
+            let expected_ok = match &step {
+                Step::Add(name) => !known(name),
+                Step::SetActive(name) => known(name),
+                Step::Disable | Step::Enable => true,
+                Step::Delete(name) => known(name) && shadow.active != Some(*name),
+                Step::MergeUnmerge => shadow.enabled,
+                Step::SaveLoad(from, to) => known(from) && !known(to),
+            };
+            match (outcome, expected_ok) {
+                (Ok(next), true) => {
+                    match &step {
+                        Step::Add(name) | Step::SaveLoad(_, name) => shadow.adapters.push(name),
+                        Step::SetActive(name) => shadow.active = Some(name),
+                        Step::Disable => shadow.enabled = false,
+                        Step::Enable => shadow.enabled = true,
+                        Step::Delete(name) => shadow.adapters.retain(|a| a != name),
+                        Step::MergeUnmerge => {}
+                    }
+                    model = match step {
+                        Step::Add(_) => randomized(next),
+                        _ => next,
+                    };
+                }
+                (Err(_), false) => {}
+                (outcome, _) => {
+                    return Err(TestCaseError::fail(format!(
+                        "{history:?}: expected ok = {expected_ok}, got {:?}",
+                        outcome.map(|_| ())
+                    )));
+                }
+            }
+            let expected = reference(&model, &shadow, &original, &x);
+            let found = common::HostTensor::from(model.forward(x.clone()));
+            let error = found.error_vs_max(&expected);
+            if error >= 1e-4 {
+                return Err(TestCaseError::fail(format!(
+                    "{history:?}: output off by {error}"
+                )));
+            }
+            let names: Vec<String> = shadow.adapters.iter().map(|n| n.to_string()).collect();
+            if model.adapter_names() != names {
+                return Err(TestCaseError::fail(format!(
+                    "{history:?}: adapters {:?}, expected {names:?}",
+                    model.adapter_names()
+                )));
+            }
+            // The original head never changes, and unloading gives the base back bit for bit.
+            if base_data(&model.unload_lora().unwrap()) != original_base {
+                return Err(TestCaseError::fail(format!(
+                    "{history:?}: the base changed"
+                )));
+            }
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(error) = result {
+        panic!("{error}");
+    }
 }
