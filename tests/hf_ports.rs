@@ -373,3 +373,90 @@ fn the_key_maps_are_complete_and_invertible() {
         );
     }
 }
+
+/// The upper 16 bits of the f32 with these `bits`, rounded to nearest, ties to even: bf16.
+fn bf16_bits(bits: u32) -> u32 {
+    bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16
+}
+
+/// Checkpoints on the hub are mostly bf16: loaded into an f32 port, every parameter is f32 and
+/// the logits are those of the f32 port whose weights went through bf16.
+#[test]
+fn a_bf16_checkpoint_loads_into_an_f32_port() {
+    use burn::module::{ModuleMapper, ModuleVisitor, Param};
+    use burn::tensor::DType;
+    let dir = case_dir("llama");
+    let out = std::env::temp_dir().join(format!("burn_lora_bf16_{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(dir.join("base/config.json"), out.join("config.json")).unwrap();
+    // The fixture's f32 checkpoint, every tensor rounded to bf16 (nearest, ties to even).
+    let bytes = std::fs::read(dir.join("base/model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data: Vec<u8> = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| {
+                    let bits = u32::from_le_bytes(b.try_into().unwrap());
+                    (bf16_bits(bits) as u16).to_le_bytes()
+                })
+                .collect();
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = converted
+        .iter()
+        .map(|(name, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(Dtype::BF16, shape.clone(), data).unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+
+    struct Dtypes(Vec<DType>);
+    impl ModuleVisitor for Dtypes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().dtype());
+        }
+    }
+    struct ThroughBf16;
+    impl ModuleMapper for ThroughBf16 {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            // On the host: not every backend casts to bf16 (ndarray does not).
+            param.map(|t| {
+                let (shape, device) = (t.shape(), t.device());
+                let values: Vec<f32> = t
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(|v: f32| f32::from_bits(bf16_bits(v.to_bits()) << 16))
+                    .collect();
+                Tensor::from_data(TensorData::new(values, shape), &device)
+            })
+        }
+    }
+    let io = Io::read("llama");
+    for (backend, device) in devices() {
+        let input_ids = io.ids("input_ids", &device);
+        let (bf16, _) = hf::llama::load(&out, &device).unwrap();
+        let mut dtypes = Dtypes(Vec::new());
+        bf16.visit(&mut dtypes);
+        assert!(
+            dtypes.0.iter().all(|dtype| *dtype == DType::F32),
+            "{backend}: {:?}",
+            dtypes.0
+        );
+        let (f32_model, _) = hf::llama::load(&dir.join("base"), &device).unwrap();
+        let rounded = f32_model.map(&mut ThroughBf16);
+        let found = HostTensor::from(bf16.forward(input_ids.clone()));
+        let expected = HostTensor::from(rounded.forward(input_ids));
+        assert_logits(&format!("{backend} bf16"), found, &expected);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -31,17 +31,22 @@
 //! # }
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{DType, Tensor};
 
 use burn::store::BurnToPyTorchAdapter;
 use burn::store::burn_pack::Tensor as PackTensor;
 use burn::store::{
-    KeyRemapper, ModuleAdapter, ModuleContext, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore,
+    FloatCastAdapter, KeyRemapper, ModuleAdapter, ModuleContext, ModuleSnapshot,
+    PyTorchToBurnAdapter, SafetensorsStore,
 };
 
 use crate::error::LoraError;
+use crate::model::survey::PathStack;
 use crate::peft::KeyMap;
 
 /// The module type Burn's `Module` derive gives [`LoraLinear`](crate::LoraLinear).
@@ -307,8 +312,11 @@ impl HfCheckpoint {
     ///
     /// - [`LoraError::Io`] or [`LoraError::InvalidSafetensors`] if the file cannot be read;
     /// - [`LoraError::CheckpointMismatch`] if a model parameter is not in the file, a tensor of
-    ///   the file is left unused (and not [`ignoring`](Self::ignoring) it), or a shape or dtype
-    ///   does not fit; the model is then as the partial load left it, so load into a fresh one.
+    ///   the file is left unused (and not [`ignoring`](Self::ignoring) it), or a shape does not
+    ///   fit; the model is then as the partial load left it, so load into a fresh one.
+    ///
+    /// Each tensor is cast to the dtype of the parameter it loads into: a bf16 checkpoint in an
+    /// f32 model gives f32 weights.
     pub fn load<M: ModuleSnapshot>(
         &self,
         path: impl AsRef<Path>,
@@ -317,11 +325,16 @@ impl HfCheckpoint {
         let path = path.as_ref();
         let keys = checkpoint_keys(path)?;
         let remapper = self.map.load_remapper(keys.iter().map(String::as_str))?;
+        // Hub checkpoints are mostly bf16: each tensor takes its parameter's dtype, so an f32
+        // port holds f32 weights (and an f16 port f16 ones), never a mix.
+        let adapter = PyTorchToLoraAdapter::new()
+            .with_fan_in_fan_out(self.fan_in_fan_out.clone())
+            .chain(ToModelDtypes {
+                dtypes: Arc::new(param_dtypes(model)),
+            });
         let mut store = SafetensorsStore::from_file(path)
             .remap(remapper)
-            .with_from_adapter(
-                PyTorchToLoraAdapter::new().with_fan_in_fan_out(self.fan_in_fan_out.clone()),
-            )
+            .with_from_adapter(adapter)
             .allow_partial(true)
             .validate(true);
         let result = model
@@ -384,6 +397,71 @@ impl HfCheckpoint {
             .save_into(&mut store)
             .map_err(|error| io_error(path, std::io::Error::other(error.to_string())))
     }
+}
+
+/// Casts each float tensor to the dtype of the model parameter it loads into.
+#[derive(Clone)]
+struct ToModelDtypes {
+    /// Parameter path → dtype.
+    dtypes: Arc<HashMap<String, DType>>,
+}
+
+impl ModuleAdapter for ToModelDtypes {
+    fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
+        // A norm's parameter may still carry PyTorch's name here.
+        let (module, param) = split_key(&tensor.name);
+        let burn_name = match param {
+            "weight" => "gamma",
+            "bias" => "beta",
+            other => other,
+        };
+        let target = self
+            .dtypes
+            .get(&tensor.name)
+            .or_else(|| self.dtypes.get(&join_key(module, burn_name)));
+        match target {
+            Some(&target)
+                if target.is_float() && tensor.dtype.is_float() && tensor.dtype != target =>
+            {
+                FloatCastAdapter::to(target).adapt(tensor, ctx)
+            }
+            _ => tensor,
+        }
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// The dtype of every float parameter of `model`, by path: its value's, or for a parameter not
+/// yet initialized, its device's default float dtype, which it will get.
+fn param_dtypes<M: Module>(model: &M) -> HashMap<String, DType> {
+    struct Dtypes {
+        stack: PathStack,
+        dtypes: HashMap<String, DType>,
+    }
+    impl ModuleVisitor for Dtypes {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.stack.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let dtype = match param.is_initialized() {
+                true => param.val().dtype(),
+                false => param.lazy_device().settings().float_dtype.into(),
+            };
+            self.dtypes.insert(self.stack.path(), dtype);
+        }
+    }
+    let mut visitor = Dtypes {
+        stack: PathStack::default(),
+        dtypes: HashMap::new(),
+    };
+    model.visit(&mut visitor);
+    visitor.dtypes
 }
 
 /// The tensor keys in the safetensors file at `path`, read from its header.
