@@ -460,3 +460,75 @@ fn a_bf16_checkpoint_loads_into_an_f32_port() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A checkpoint saved in shards, as every large model on the hub is, loads through its index:
+/// the same model as from one file; a parameter no shard holds, or a shard outside the
+/// directory, is an error.
+#[test]
+fn a_sharded_checkpoint_loads_through_its_index() {
+    let dir = case_dir("llama");
+    let out = std::env::temp_dir().join(format!("burn_lora_shards_{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(dir.join("base/config.json"), out.join("config.json")).unwrap();
+    let bytes = std::fs::read(dir.join("base/model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    // Two shards, the tensors split alternately, and the index that lists them.
+    let mut weight_map = serde_json::Map::new();
+    let write_shards =
+        |names: &[String], weight_map: &mut serde_json::Map<String, serde_json::Value>| {
+            for shard in 0..2 {
+                let shard_name = format!("model-{:05}-of-00002.safetensors", shard + 1);
+                let views: Vec<(String, safetensors::tensor::TensorView)> = names
+                    .iter()
+                    .enumerate()
+                    .filter(|(index, _)| index % 2 == shard)
+                    .map(|(_, name)| {
+                        weight_map.insert(name.clone(), shard_name.clone().into());
+                        (name.clone(), file.tensor(name).unwrap())
+                    })
+                    .collect();
+                safetensors::serialize_to_file(views, None, &out.join(&shard_name)).unwrap();
+            }
+        };
+    write_shards(&names, &mut weight_map);
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let io = Io::read("llama");
+    for (backend, device) in devices() {
+        let input_ids = io.ids("input_ids", &device);
+        let (sharded, _) = hf::llama::load(&out, &device).unwrap();
+        let (single, _) = hf::llama::load(&dir.join("base"), &device).unwrap();
+        assert_eq!(
+            HostTensor::from(sharded.forward(input_ids.clone())).values,
+            HostTensor::from(single.forward(input_ids)).values,
+            "{backend}"
+        );
+    }
+
+    // A tensor that no shard holds.
+    let kept: Vec<String> = names
+        .iter()
+        .filter(|name| name.as_str() != "model.norm.weight")
+        .cloned()
+        .collect();
+    let mut weight_map = serde_json::Map::new();
+    write_shards(&kept, &mut weight_map);
+    let index = serde_json::json!({ "weight_map": weight_map });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let error = hf::llama::load(&out, &Device::flex()).unwrap_err();
+    assert!(
+        error.contains("`norm.gamma` is not in the checkpoint"),
+        "{error}"
+    );
+
+    // An index that points outside its directory.
+    let index =
+        serde_json::json!({ "weight_map": { "lm_head.weight": "../elsewhere.safetensors" } });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let error = hf::llama::load(&out, &Device::flex()).unwrap_err();
+    assert!(error.contains("not in the directory"), "{error}");
+    let _ = std::fs::remove_dir_all(&out);
+}

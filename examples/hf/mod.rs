@@ -30,14 +30,15 @@ fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C, String> {
     serde_json::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))
 }
 
-/// Loads `model.safetensors` in `dir` into `model`: every parameter, or an error.
+/// Loads the checkpoint in `dir` into `model`: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` lists; every parameter, or an error.
 fn load_weights<M: Module>(
     dir: &Path,
     checkpoint: &HfCheckpoint,
     model: &mut M,
 ) -> Result<(), String> {
     checkpoint
-        .load(dir.join("model.safetensors"), model)
+        .load_dir(dir, model)
         .map_err(|error| error.to_string())
 }
 

@@ -12,7 +12,9 @@
 //! - [`KeyMap::load_remapper`] and [`KeyMap::save_remapper`]: the same [`KeyMap`] that maps
 //!   PEFT adapter paths maps the checkpoint's keys, as an exact [`KeyRemapper`].
 //! - [`HfCheckpoint`]: both together, strict by default: a load that leaves a model parameter
-//!   unset or a checkpoint tensor unused is an error that names them, and a save is atomic.
+//!   unset or a checkpoint tensor unused is an error that names them, a load casts each tensor
+//!   to its parameter's dtype (hub checkpoints are mostly bf16), a `save_pretrained` directory
+//!   loads whole, shards included, and a save is atomic.
 //!
 //! ```no_run
 //! # use burn::prelude::*;
@@ -323,44 +325,113 @@ impl HfCheckpoint {
         model: &mut M,
     ) -> Result<(), LoraError> {
         let path = path.as_ref();
-        let keys = checkpoint_keys(path)?;
-        let remapper = self.map.load_remapper(keys.iter().map(String::as_str))?;
+        self.load_files(path, &[path.to_path_buf()], model)
+    }
+
+    /// Loads every parameter of `model` from a `save_pretrained` directory: its
+    /// `model.safetensors`, or, for a checkpoint saved in shards (every large model on the hub),
+    /// the files that `model.safetensors.index.json` lists, each read once.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load), over all the shards together: a parameter is missing when no
+    /// shard holds it. [`LoraError::Io`] when the directory holds neither file, and
+    /// [`LoraError::InvalidSafetensors`] for an index that is not JSON, has no `weight_map`, or
+    /// names a shard outside the directory.
+    pub fn load_dir<M: ModuleSnapshot>(
+        &self,
+        dir: impl AsRef<Path>,
+        model: &mut M,
+    ) -> Result<(), LoraError> {
+        let dir = dir.as_ref();
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return self.load(single, model);
+        }
+        let index = dir.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&index).map_err(|error| io_error(&index, error))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|error| invalid(&index, error))?;
+        let Some(weight_map) = json.get("weight_map").and_then(|map| map.as_object()) else {
+            return Err(invalid(&index, "no `weight_map` object"));
+        };
+        let mut shards = BTreeSet::new();
+        for (key, file) in weight_map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| invalid(&index, format!("`{key}` maps to no file name")))?;
+            let inside = Path::new(file)
+                .components()
+                .all(|part| matches!(part, std::path::Component::Normal(_)));
+            if !inside {
+                return Err(invalid(
+                    &index,
+                    format!("shard `{file}` is not in the directory"),
+                ));
+            }
+            shards.insert(dir.join(file));
+        }
+        let shards: Vec<_> = shards.into_iter().collect();
+        self.load_files(&index, &shards, model)
+    }
+
+    /// Loads `files` into `model` in turn, and checks them as one checkpoint; `origin` names it
+    /// in errors.
+    fn load_files<M: ModuleSnapshot>(
+        &self,
+        origin: &Path,
+        files: &[std::path::PathBuf],
+        model: &mut M,
+    ) -> Result<(), LoraError> {
         // Hub checkpoints are mostly bf16: each tensor takes its parameter's dtype, so an f32
         // port holds f32 weights (and an f16 port f16 ones), never a mix.
-        let adapter = PyTorchToLoraAdapter::new()
-            .with_fan_in_fan_out(self.fan_in_fan_out.clone())
-            .chain(ToModelDtypes {
-                dtypes: Arc::new(param_dtypes(model)),
-            });
-        let mut store = SafetensorsStore::from_file(path)
-            .remap(remapper)
-            .with_from_adapter(adapter)
-            .allow_partial(true)
-            .validate(true);
-        let result = model
-            .load_from(&mut store)
-            .map_err(|error| mismatch(path, vec![error.to_string()]))?;
+        let dtypes = Arc::new(param_dtypes(model));
         let ignored: BTreeSet<String> = self
             .ignored
             .iter()
             .map(|key| rename_module(key, |module| self.map.to_burn(module)))
             .collect();
-        let mut problems: Vec<String> = result
-            .missing
-            .iter()
-            .map(|(path, _)| format!("model parameter `{path}` is not in the checkpoint"))
-            .collect();
-        problems.extend(
-            result
-                .unused
-                .iter()
-                .filter(|key| !ignored.contains(key.as_str()))
-                .map(|key| format!("checkpoint tensor `{key}` fits no model parameter")),
-        );
-        problems.extend(result.errors.iter().map(ToString::to_string));
-        match problems.is_empty() {
+        let mut applied: BTreeSet<String> = BTreeSet::new();
+        let mut missing: Vec<String> = Vec::new();
+        let mut problems: Vec<String> = Vec::new();
+        for path in files {
+            let keys = checkpoint_keys(path)?;
+            let remapper = self.map.load_remapper(keys.iter().map(String::as_str))?;
+            let adapter = PyTorchToLoraAdapter::new()
+                .with_fan_in_fan_out(self.fan_in_fan_out.clone())
+                .chain(ToModelDtypes {
+                    dtypes: dtypes.clone(),
+                });
+            let mut store = SafetensorsStore::from_file(path)
+                .remap(remapper)
+                .with_from_adapter(adapter)
+                .allow_partial(true)
+                .validate(true);
+            let result = model
+                .load_from(&mut store)
+                .map_err(|error| mismatch(path, vec![error.to_string()]))?;
+            applied.extend(result.applied);
+            missing = result.missing.into_iter().map(|(path, _)| path).collect();
+            let shard = match files.len() {
+                1 => String::new(),
+                _ => format!(" (in {})", path.display()),
+            };
+            problems.extend(
+                (result.unused.iter())
+                    .filter(|key| !ignored.contains(key.as_str()))
+                    .map(|key| format!("checkpoint tensor `{key}`{shard} fits no model parameter")),
+            );
+            problems.extend(result.errors.iter().map(ToString::to_string));
+        }
+        // Missing from the checkpoint: from the last file, and loaded by none.
+        let mut all = (missing.into_iter())
+            .filter(|path| !applied.contains(path))
+            .map(|path| format!("model parameter `{path}` is not in the checkpoint"))
+            .collect::<Vec<_>>();
+        all.extend(problems);
+        match all.is_empty() {
             true => Ok(()),
-            false => Err(mismatch(path, problems)),
+            false => Err(mismatch(origin, all)),
         }
     }
 
