@@ -523,6 +523,20 @@ fn a_sharded_checkpoint_loads_through_its_index() {
         error.contains("`norm.gamma` is not in the checkpoint"),
         "{error}"
     );
+    // A failed load leaves the model as it was, bit for bit (its random init, here: the first
+    // shard holds real values for half the parameters).
+    let device = Device::flex();
+    let (_, config) = hf::llama::load(&dir.join("base"), &device).unwrap();
+    let mut model = config.init(&device).unwrap();
+    let before = common::raw_data(&model);
+    let error = hf::llama::checkpoint(&config)
+        .load_dir(&out, &mut model)
+        .unwrap_err();
+    assert!(
+        matches!(error, burn_lora::LoraError::CheckpointMismatch { .. }),
+        "{error:?}"
+    );
+    assert_eq!(common::raw_data(&model), before);
 
     // An index that points outside its directory.
     let index =

@@ -62,14 +62,22 @@ const LINEAR: &str = "Struct:Linear";
 /// transposes the weights of `Linear` modules and renames normalization parameters
 /// (`weight`/`bias` to `gamma`/`beta`); this one does the same and also transposes the weights
 /// of `LoraLinear` modules, except in layers listed with
-/// [`with_fan_in_fan_out`](Self::with_fan_in_fan_out), which PyTorch already stores as
-/// `[d_in, d_out]`.
+/// [`with_fan_in_fan_out`](PyTorchLayoutAdapter::with_fan_in_fan_out), which PyTorch already
+/// stores as `[d_in, d_out]`.
+pub type PyTorchToLoraAdapter = PyTorchLayoutAdapter<true>;
+
+/// Saves PyTorch checkpoints: [`BurnToPyTorchAdapter`] for models built from `LoraLinear`, the
+/// inverse of [`PyTorchToLoraAdapter`].
+pub type LoraToPyTorchAdapter = PyTorchLayoutAdapter<false>;
+
+/// Burn's PyTorch adapter for models built from `LoraLinear`, into Burn's layouts (`TO_BURN`,
+/// [`PyTorchToLoraAdapter`]) or out of them ([`LoraToPyTorchAdapter`]).
 #[derive(Debug, Clone, Default)]
-pub struct PyTorchToLoraAdapter {
+pub struct PyTorchLayoutAdapter<const TO_BURN: bool> {
     fan_in_fan_out: Vec<String>,
 }
 
-impl PyTorchToLoraAdapter {
+impl<const TO_BURN: bool> PyTorchLayoutAdapter<TO_BURN> {
     /// The adapter, transposing every linear weight.
     pub fn new() -> Self {
         Self::default()
@@ -77,7 +85,7 @@ impl PyTorchToLoraAdapter {
 
     /// Leave the weights of these layers as stored: module names matched as PEFT matches
     /// targets (the path, or its dotted suffix), such as GPT-2's `c_attn`, `c_proj` and `c_fc`,
-    /// whose `Conv1D` weights are `[d_in, d_out]` in the checkpoint already.
+    /// whose `Conv1D` weights are `[d_in, d_out]` in the checkpoint as in Burn.
     pub fn with_fan_in_fan_out<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -87,55 +95,24 @@ impl PyTorchToLoraAdapter {
             .extend(names.into_iter().map(Into::into));
         self
     }
+
+    /// Burn's own adapter for this direction.
+    fn burn_adapter(&self) -> &'static dyn ModuleAdapter {
+        match TO_BURN {
+            true => &PyTorchToBurnAdapter,
+            false => &BurnToPyTorchAdapter,
+        }
+    }
 }
 
-impl ModuleAdapter for PyTorchToLoraAdapter {
+impl<const TO_BURN: bool> ModuleAdapter for PyTorchLayoutAdapter<TO_BURN> {
     fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
-        adapt_linear(&PyTorchToBurnAdapter, &self.fan_in_fan_out, tensor, ctx)
+        adapt_linear(self.burn_adapter(), &self.fan_in_fan_out, tensor, ctx)
     }
 
     fn get_alternative_param_name(&self, param_name: &str, module_type: &str) -> Option<String> {
-        PyTorchToBurnAdapter.get_alternative_param_name(param_name, module_type)
-    }
-
-    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
-        Box::new(self.clone())
-    }
-}
-
-/// Saves PyTorch checkpoints: [`BurnToPyTorchAdapter`] for models built from `LoraLinear`, the
-/// inverse of [`PyTorchToLoraAdapter`].
-#[derive(Debug, Clone, Default)]
-pub struct LoraToPyTorchAdapter {
-    fan_in_fan_out: Vec<String>,
-}
-
-impl LoraToPyTorchAdapter {
-    /// The adapter, transposing every linear weight.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Leave the weights of these layers as they are in Burn, `[d_in, d_out]`; see
-    /// [`PyTorchToLoraAdapter::with_fan_in_fan_out`].
-    pub fn with_fan_in_fan_out<I, S>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.fan_in_fan_out
-            .extend(names.into_iter().map(Into::into));
-        self
-    }
-}
-
-impl ModuleAdapter for LoraToPyTorchAdapter {
-    fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
-        adapt_linear(&BurnToPyTorchAdapter, &self.fan_in_fan_out, tensor, ctx)
-    }
-
-    fn get_alternative_param_name(&self, param_name: &str, module_type: &str) -> Option<String> {
-        BurnToPyTorchAdapter.get_alternative_param_name(param_name, module_type)
+        self.burn_adapter()
+            .get_alternative_param_name(param_name, module_type)
     }
 
     fn clone_box(&self) -> Box<dyn ModuleAdapter> {
@@ -315,7 +292,7 @@ impl HfCheckpoint {
     /// - [`LoraError::Io`] or [`LoraError::InvalidSafetensors`] if the file cannot be read;
     /// - [`LoraError::CheckpointMismatch`] if a model parameter is not in the file, a tensor of
     ///   the file is left unused (and not [`ignoring`](Self::ignoring) it), or a shape does not
-    ///   fit; the model is then as the partial load left it, so load into a fresh one.
+    ///   fit; `model` is then left as it was.
     ///
     /// Each tensor is cast to the dtype of the parameter it loads into: a bf16 checkpoint in an
     /// f32 model gives f32 weights.
@@ -394,6 +371,9 @@ impl HfCheckpoint {
         let mut applied: BTreeSet<String> = BTreeSet::new();
         let mut missing: Vec<String> = Vec::new();
         let mut problems: Vec<String> = Vec::new();
+        // Loaded into a copy (Burn modules share their tensors: a cheap clone), which replaces
+        // the caller's model only when everything fits: a failed load leaves it as it was.
+        let mut candidate = model.clone();
         for path in files {
             let keys = checkpoint_keys(path)?;
             let remapper = self.map.load_remapper(keys.iter().map(String::as_str))?;
@@ -407,7 +387,7 @@ impl HfCheckpoint {
                 .with_from_adapter(adapter)
                 .allow_partial(true)
                 .validate(true);
-            let result = model
+            let result = candidate
                 .load_from(&mut store)
                 .map_err(|error| mismatch(path, vec![error.to_string()]))?;
             applied.extend(result.applied);
@@ -429,10 +409,11 @@ impl HfCheckpoint {
             .map(|path| format!("model parameter `{path}` is not in the checkpoint"))
             .collect::<Vec<_>>();
         all.extend(problems);
-        match all.is_empty() {
-            true => Ok(()),
-            false => Err(mismatch(origin, all)),
+        if !all.is_empty() {
+            return Err(mismatch(origin, all));
         }
+        *model = candidate;
+        Ok(())
     }
 
     /// Writes every parameter of `model` to a safetensors file at `path`, in the checkpoint's
