@@ -210,7 +210,7 @@ impl<M: Module> Snapshot<M> {
         paths: impl IntoIterator<Item = &'a String>,
     ) -> HashMap<String, Tensor<2>> {
         let paths: Vec<&String> = paths.into_iter().collect();
-        collect_bases(&self.plain, &paths)
+        collect::<M, FactorLayout>(&self.plain, &paths)
     }
 
     /// Attach `states` (weight path → state; states without adapters are dropped) and replace
@@ -253,18 +253,47 @@ impl<M: Module> Snapshot<M> {
         paths: impl IntoIterator<Item = &'a String>,
     ) -> HashMap<String, Tensor<1>> {
         let paths: Vec<&String> = paths.into_iter().collect();
-        collect_values(&self.plain, &paths)
+        collect::<M, Flat>(&self.plain, &paths)
     }
 }
 
-/// The stored values of the weights at `paths`, in the factor layout.
-fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Tensor<2>> {
-    struct Collector<'a> {
+/// How a collector takes the value of a parameter it was asked for.
+trait Take {
+    /// What it keeps.
+    type Out;
+    /// The kept form of `value`, or `None` to leave the parameter out.
+    fn take<const D: usize>(value: Tensor<D>) -> Option<Self::Out>;
+}
+
+/// Adaptable weights (2-D and 4-D), in the factor layout `[d_in, d_out]`.
+struct FactorLayout;
+
+impl Take for FactorLayout {
+    type Out = Tensor<2>;
+    fn take<const D: usize>(value: Tensor<D>) -> Option<Tensor<2>> {
+        matches!(D, 2 | 4).then(|| to_factor_layout(value))
+    }
+}
+
+/// Any parameter, flattened.
+struct Flat;
+
+impl Take for Flat {
+    type Out = Tensor<1>;
+    fn take<const D: usize>(value: Tensor<D>) -> Option<Tensor<1>> {
+        let count = value.shape().num_elements();
+        Some(value.reshape([count]))
+    }
+}
+
+/// The stored values of the parameters at `paths`, in the form `T` takes.
+fn collect<M: Module, T: Take>(model: &M, paths: &[&String]) -> HashMap<String, T::Out> {
+    struct Collector<'a, T: Take> {
         paths: &'a [&'a String],
         stack: PathStack,
-        bases: HashMap<String, Tensor<2>>,
+        values: HashMap<String, T::Out>,
     }
-    impl ModuleVisitor for Collector<'_> {
+    impl<T: Take> ModuleVisitor for Collector<'_, T> {
         fn enter_module(&mut self, name: &str, container_type: &str) {
             self.stack.enter(name, container_type);
         }
@@ -273,44 +302,14 @@ fn collect_bases<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Ten
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let path = self.stack.path();
-            if matches!(D, 2 | 4) && self.paths.contains(&&path) {
-                self.bases.insert(path, to_factor_layout(param.val()));
+            if self.paths.contains(&&path)
+                && let Some(value) = T::take(param.val())
+            {
+                self.values.insert(path, value);
             }
         }
     }
-    let mut collector = Collector {
-        paths,
-        stack: PathStack::default(),
-        bases: HashMap::new(),
-    };
-    model.visit(&mut collector);
-    collector.bases
-}
-
-/// The stored values of the parameters at `paths`, flattened.
-fn collect_values<M: Module>(model: &M, paths: &[&String]) -> HashMap<String, Tensor<1>> {
-    struct Collector<'a> {
-        paths: &'a [&'a String],
-        stack: PathStack,
-        values: HashMap<String, Tensor<1>>,
-    }
-    impl ModuleVisitor for Collector<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.stack.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.stack.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let path = self.stack.path();
-            if self.paths.contains(&&path) {
-                let value = param.val();
-                let count = value.shape().num_elements();
-                self.values.insert(path, value.reshape([count]));
-            }
-        }
-    }
-    let mut collector = Collector {
+    let mut collector = Collector::<T> {
         paths,
         stack: PathStack::default(),
         values: HashMap::new(),
