@@ -79,7 +79,8 @@
 //! type) → `config` (what the user asks for, as data) → `adapter` (one adapted weight: its
 //! factors and math) → `layers` ([`LoraLinear`], mixed batches, [`nn`]) → `model` (whole-model
 //! operations: [`LoraModule`]) → `variants` (LoRA+, QLoRA) and [`peft`] (the file format) →
-//! [`store`] (Hugging Face checkpoints through `burn::store`).
+//! [`store`] (Hugging Face checkpoints through `burn::store`) and `train` (burn-train's
+//! `Learner`: adapter-only checkpoints, with the `train` feature, on by default).
 //!
 //! ## Backends
 //!
@@ -94,6 +95,8 @@ mod layers;
 mod model;
 pub mod peft;
 pub mod store;
+#[cfg(feature = "train")]
+pub mod train;
 mod variants;
 
 pub use adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit, SavedCopy};

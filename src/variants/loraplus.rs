@@ -6,11 +6,12 @@
 //! rates, [`ModuleLrScheduler::with_group`], which [`LoraPlusConfig::scheduler`] builds.
 
 use burn::config::Config;
-use burn::module::{Module, ParamGroup, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::LearningRate;
 use burn::optim::lr_scheduler::composed::{ComposedLrSchedulerConfig, SchedulerReduction};
 use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLrScheduler, ModuleLrSchedulerConfig};
 use burn::optim::lr_scheduler::{LrScheduler, LrSchedulerConfig, LrSchedulerRecord};
+use burn::tensor::Tensor;
 
 use crate::LoraError;
 use crate::adapter::LayerKind;
@@ -62,7 +63,9 @@ impl LoraPlusConfig {
     /// Pass the result's `step()` to the optimizer's `step` in place of a learning rate.
     ///
     /// The groups hold parameter ids, which every burn-lora operation keeps, so the scheduler
-    /// stays valid across merges and adapter switches; an adapter added later is not in them.
+    /// stays valid across merges and adapter switches, and the parameters' module paths, so
+    /// that a run resumed from a checkpoint (which loads the saved ids into a freshly built
+    /// model) still finds them. An adapter added later is not in them.
     ///
     /// # Errors
     ///
@@ -84,15 +87,10 @@ impl LoraPlusConfig {
                 LrSchedulerConfig::Constant(self.lr_ratio),
             ])
             .with_reduction(SchedulerReduction::Prod);
-        let mut config = ModuleLrSchedulerConfig::new(base).with_group(
-            ParamGroup::from_ids(faster),
-            LrSchedulerConfig::Composed(scaled),
-        );
-        if !embedding.is_empty() {
-            config = config.with_group(
-                ParamGroup::from_ids(embedding),
-                LrSchedulerConfig::Constant(self.lr_embedding),
-            );
+        let mut config = ModuleLrSchedulerConfig::new(base)
+            .with_group(faster, LrSchedulerConfig::Composed(scaled));
+        if let Some(embedding) = embedding {
+            config = config.with_group(embedding, LrSchedulerConfig::Constant(self.lr_embedding));
         }
         config.init().map_err(LoraError::InvalidSchedule)
     }
@@ -114,17 +112,19 @@ impl LoraPlusConfig {
             inner: base.clone(),
             factor: self.lr_ratio,
         };
-        let mut scheduler =
-            ModuleLrScheduler::new(base).with_group(ParamGroup::from_ids(faster), scaled);
-        if !embedding.is_empty() {
-            scheduler = scheduler.with_group(ParamGroup::from_ids(embedding), self.lr_embedding);
+        let mut scheduler = ModuleLrScheduler::new(base).with_group(faster, scaled);
+        if let Some(embedding) = embedding {
+            scheduler = scheduler.with_group(embedding, self.lr_embedding);
         }
         Ok(scheduler)
     }
 
-    /// The ids of the parameters that learn faster (`B` of linear and convolution adapters),
-    /// and of the embedding adapters' factors, after checking the settings.
-    fn groups<M: Module>(&self, model: &M) -> Result<(Vec<ParamId>, Vec<ParamId>), LoraError> {
+    /// The module paths of the parameters that learn faster (`B` of linear and convolution
+    /// adapters), and of the embedding adapters' factors, after checking the settings.
+    ///
+    /// The groups match by `ParamId` or by path: a run resumed from a checkpoint loads the saved
+    /// ids into a freshly built model, and its groups must still find `B`.
+    fn groups<M: Module>(&self, model: &M) -> Result<(ParamGroup, Option<ParamGroup>), LoraError> {
         for (name, value) in [
             ("lr_ratio", self.lr_ratio),
             ("lr_embedding", self.lr_embedding),
@@ -153,7 +153,45 @@ impl LoraPlusConfig {
                 }
             }
         }
-        Ok((faster, embedding))
+        let mut paths = ParamPaths::default();
+        model.visit(&mut paths);
+        // Ids or paths: ids follow a parameter through every burn-lora operation, paths find
+        // it again in a resumed run.
+        let group = |ids: Vec<ParamId>| -> ParamGroup {
+            let named: Vec<String> = paths
+                .found
+                .iter()
+                .filter(|(id, _)| ids.contains(id))
+                .map(|(_, path)| path.clone())
+                .collect();
+            ParamGroup::from_ids(ids).fuse(&ParamGroup::from_paths(named))
+        };
+        let embedding = match embedding.is_empty() {
+            true => None,
+            false => Some(group(embedding)),
+        };
+        Ok((group(faster), embedding))
+    }
+}
+
+/// Every float parameter's id and module path, as the optimizer names them.
+#[derive(Default)]
+struct ParamPaths {
+    path: Vec<String>,
+    found: Vec<(ParamId, String)>,
+}
+
+impl ModuleVisitor for ParamPaths {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.found.push((param.id, self.path.join(".")));
     }
 }
 
