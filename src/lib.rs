@@ -80,7 +80,7 @@
 //! factors and math) → `layers` ([`LoraLinear`], mixed batches, [`nn`]) → `model` (whole-model
 //! operations: [`LoraModule`]) → `variants` (LoRA+, QLoRA) and [`peft`] (the file format) →
 //! [`store`] (Hugging Face checkpoints through `burn::store`) and `train` (burn-train's
-//! `Learner`: adapter-only checkpoints, with the `train` feature, on by default).
+//! `Learner`: adapter-only checkpoints, with the `train` feature).
 //!
 //! ## Backends
 //!

@@ -3,9 +3,9 @@
 //! adapters only (PEFT files plus what an exact resume needs).
 //!
 //! ```sh
-//! cargo run --release --example learner                  # train, checkpoint, report sizes
-//! cargo run --release --example learner -- --resume 2    # continue the run from epoch 2
-//! cargo run --release --example learner -- --compare     # Learner against a hand-written loop
+//! cargo run --release --features train --example learner                  # train, checkpoint, report sizes
+//! cargo run --release --features train --example learner -- --resume 2    # continue the run from epoch 2
+//! cargo run --release --features train --example learner -- --compare     # Learner against a hand-written loop
 //! ```
 //!
 //! With a terminal attached burn-train shows its dashboard; otherwise (a pipe, CI) it prints
@@ -35,6 +35,8 @@ const TRAIN: usize = 2048;
 const VALID: usize = 512;
 const BATCH: usize = 32;
 const LR: f64 = 2e-3;
+/// Timed epochs per loop in `--compare`; the best counts.
+const ROUNDS: usize = 5;
 
 fn loaders(
     train: Vec<Sample>,
@@ -99,6 +101,30 @@ impl ModuleVisitor for GradientSizes<'_> {
     }
 }
 
+/// Writes `model`'s adapter checkpoint and its whole record into `dir`, and prints their sizes
+/// and times.
+fn checkpoint_sizes(model: &Classifier, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let adapters = AdapterCheckpointer::new(dir, model)?;
+    let start = Instant::now();
+    adapters.save(0, model.clone().into_record())?;
+    let adapter_seconds = start.elapsed().as_secs_f64();
+    let full = dir.join("full-model.bpk");
+    let start = Instant::now();
+    model.clone().into_record().save(&full)?;
+    let full_seconds = start.elapsed().as_secs_f64();
+    println!("| checkpoint | bytes | seconds |");
+    println!("|---|---:|---:|");
+    println!(
+        "| adapters (PEFT files, resume record, flags) | {} | {adapter_seconds:.4} |",
+        directory_size(&adapters.epoch_dir(0))
+    );
+    println!(
+        "| whole model record | {} | {full_seconds:.4} |",
+        std::fs::metadata(&full)?.len()
+    );
+    Ok(())
+}
+
 fn directory_size(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .map(|entries| {
@@ -114,10 +140,15 @@ fn directory_size(path: &Path) -> u64 {
 }
 
 /// Steps per second of the Learner against a hand-written loop on the same model and batches
-/// (no checkpoints, loss metric only, one epoch each after a warm-up epoch).
-fn compare(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+/// (no checkpoints, loss metric only, one epoch each after a warm-up epoch), and checkpoint
+/// sizes, for the task's model at width `width`.
+fn compare(dir: &Path, width: usize) -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::default().autodiff();
-    let (base, train, valid) = task::base_and_data(&device, SEED, TRAIN, VALID);
+    let (base, train, valid) = task::base_and_data_of_width(&device, SEED, TRAIN, VALID, width);
+    println!(
+        "model width {width}: {} values",
+        task::adapted(base.clone()).num_params()
+    );
     let steps = TRAIN.div_ceil(BATCH);
     let (train_loader, valid_loader) = loaders(train.clone(), valid.clone());
 
@@ -137,11 +168,11 @@ fn compare(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         }
         (model, start.elapsed().as_secs_f64())
     };
-    // Warm-up, then one timed epoch each, twice, alternating.
+    // Warm-up, then one timed epoch each, alternating.
     let _ = hand(task::adapted(base.clone()));
     let mut hand_times = Vec::new();
     let mut learner_times = Vec::new();
-    for round in 0..2 {
+    for round in 0..ROUNDS {
         hand_times.push(hand(task::adapted(base.clone())).1);
         let model = task::adapted(base.clone());
         let start = Instant::now();
@@ -167,7 +198,7 @@ fn compare(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     #[allow(deprecated)]
     let devices = vec![Device::flex(), Device::ndarray()];
     let mut multi_times = Vec::new();
-    for round in 0..2 {
+    for round in 0..ROUNDS {
         let start = Instant::now();
         let result = SupervisedTraining::new(
             dir.join(format!("multi-{round}")),
@@ -190,7 +221,7 @@ fn compare(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         multi_times.push(start.elapsed().as_secs_f64());
     }
     // The Learner's epoch includes one validation pass; time it alone to take it out.
-    let model = task::adapted(base).valid();
+    let model = task::adapted(base.clone()).valid();
     let start = Instant::now();
     for batch in valid_loader.iter() {
         let batch = batch.expect("the data is in memory");
@@ -199,7 +230,7 @@ fn compare(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let validation = start.elapsed().as_secs_f64();
     let hand_best = hand_times.iter().copied().fold(f64::INFINITY, f64::min);
     let learner_best = learner_times.iter().copied().fold(f64::INFINITY, f64::min) - validation;
-    println!("| loop | batches of {BATCH} | seconds (best of 2) | batches/s |");
+    println!("| loop | batches of {BATCH} | seconds (best of {ROUNDS}) | batches/s |");
     println!("|---|---:|---:|---:|");
     println!(
         "| hand-written | {steps} | {hand_best:.3} | {:.1} |",
@@ -218,6 +249,9 @@ fn compare(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         "Learner / hand-written time: {:.3}",
         learner_best / hand_best
     );
+
+    let model = task::adapted(base);
+    checkpoint_sizes(&model, &dir.join("compare-checkpoints"))?;
     Ok(())
 }
 
@@ -234,7 +268,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("LEARNER_RUN_DIR").unwrap_or_else(|_| "target/learner-run".into()),
     );
     if args.iter().any(|arg| arg == "--compare") {
-        return compare(&dir);
+        return compare(&dir, value("--width")?.unwrap_or(256));
     }
     let epochs = value("--epochs")?.unwrap_or(4);
     let resume = value("--resume")?;
@@ -246,25 +280,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Checkpoint size and time: the adapters against the whole model's record.
     let checkpoints = dir.join("checkpoint");
+    checkpoint_sizes(&model, &checkpoints.join("timing"))?;
     let adapter_dir = checkpoints.join(format!("adapter-{epochs}"));
-    let adapters = AdapterCheckpointer::new(checkpoints.join("timing"), &model)?;
-    let start = Instant::now();
-    adapters.save(0, model.clone().into_record())?;
-    let adapter_seconds = start.elapsed().as_secs_f64();
-    let full = checkpoints.join("timing/full-model.bpk");
-    let start = Instant::now();
-    model.clone().into_record().save(&full)?;
-    let full_seconds = start.elapsed().as_secs_f64();
-    println!("| checkpoint | bytes | seconds |");
-    println!("|---|---:|---:|");
-    println!(
-        "| adapters (PEFT files, resume record, flags) | {} | {adapter_seconds:.4} |",
-        directory_size(&adapter_dir)
-    );
-    println!(
-        "| whole model record | {} | {full_seconds:.4} |",
-        std::fs::metadata(&full)?.len()
-    );
     println!("PEFT adapter of the last epoch: {}", adapter_dir.display());
 
     // What a step hands to the other devices: the gradients, which exist for the adapters only.

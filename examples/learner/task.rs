@@ -41,16 +41,17 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// A randomly initialised base on `device` (seed it first for a reproducible one).
-    pub fn new(device: &Device) -> Self {
+    /// A randomly initialised base of width `d_model` (a multiple of [`HEADS`]) on `device`
+    /// (seed it first for a reproducible one).
+    pub fn with_width(device: &Device, d_model: usize) -> Self {
         Self {
-            attention: MultiHeadAttentionConfig::new(D_MODEL, HEADS)
+            attention: MultiHeadAttentionConfig::new(d_model, HEADS)
                 .with_dropout(0.0)
                 .init(device)
                 .into(),
-            up: LinearConfig::new(D_MODEL, 2 * D_MODEL).init(device),
-            down: LinearConfig::new(2 * D_MODEL, D_MODEL).init(device),
-            head: LinearConfig::new(D_MODEL, CLASSES).init(device),
+            up: LinearConfig::new(d_model, 2 * d_model).init(device),
+            down: LinearConfig::new(2 * d_model, d_model).init(device),
+            head: LinearConfig::new(d_model, CLASSES).init(device),
             sum_loss: false,
         }
     }
@@ -100,7 +101,7 @@ impl InferenceStep for Classifier {
 /// One sequence and its class.
 #[derive(Debug, Clone)]
 pub struct Sample {
-    /// `SEQ × D_MODEL` values, row-major.
+    /// `SEQ × width` values, row-major.
     pub x: Vec<f32>,
     /// The teacher's class.
     pub label: i64,
@@ -109,7 +110,7 @@ pub struct Sample {
 /// A batch on a device.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// `[batch, SEQ, D_MODEL]`.
+    /// `[batch, SEQ, width]`.
     pub x: Tensor<3>,
     /// `[batch]`.
     pub labels: Tensor<1, Int>,
@@ -122,10 +123,11 @@ pub struct SampleBatcher;
 impl Batcher<Sample, Batch> for SampleBatcher {
     fn batch(&self, items: Vec<Sample>, device: &Device) -> Batch {
         let count = items.len();
+        let width = items.first().map_or(D_MODEL, |item| item.x.len() / SEQ);
         let values: Vec<f32> = items.iter().flat_map(|item| item.x.clone()).collect();
         let labels: Vec<i64> = items.iter().map(|item| item.label).collect();
         Batch {
-            x: Tensor::from_data(TensorData::new(values, [count, SEQ, D_MODEL]), device),
+            x: Tensor::from_data(TensorData::new(values, [count, SEQ, width]), device),
             labels: Tensor::from_data(TensorData::new(labels, [count]), device),
         }
     }
@@ -145,21 +147,34 @@ pub fn base_and_data(
     train: usize,
     valid: usize,
 ) -> (Classifier, Vec<Sample>, Vec<Sample>) {
+    base_and_data_of_width(device, seed, train, valid, D_MODEL)
+}
+
+/// [`base_and_data`] for a model of width `d_model`.
+pub fn base_and_data_of_width(
+    device: &Device,
+    seed: u64,
+    train: usize,
+    valid: usize,
+    d_model: usize,
+) -> (Classifier, Vec<Sample>, Vec<Sample>) {
     device.seed(seed);
-    let base = Classifier::new(device);
+    let base = Classifier::with_width(device, d_model);
     let mut teacher = base.clone();
+    // The change's size keeps its effect on the scores about the same at every width.
+    let std = 0.4 * (D_MODEL as f64 / d_model as f64).sqrt();
     for weight in [
         &mut teacher.attention.query.weight,
         &mut teacher.attention.value.weight,
     ] {
-        let u = Tensor::<2>::random([D_MODEL, 4], Distribution::Normal(0.0, 0.4), device);
-        let v = Tensor::<2>::random([4, D_MODEL], Distribution::Normal(0.0, 0.4), device);
+        let u = Tensor::<2>::random([d_model, 4], Distribution::Normal(0.0, std), device);
+        let v = Tensor::<2>::random([4, d_model], Distribution::Normal(0.0, std), device);
         *weight = weight.clone().map(|w| w + u.matmul(v));
     }
     let teacher = teacher.valid();
     let mut rng = SplitMix(seed ^ 0x5eed);
     let samples: Vec<Vec<f32>> = (0..train + valid)
-        .map(|_| (0..SEQ * D_MODEL).map(|_| rng.normal()).collect())
+        .map(|_| (0..SEQ * d_model).map(|_| rng.normal()).collect())
         .collect();
     let inner = device.clone().inner();
     let mut labelled = Vec::with_capacity(samples.len());

@@ -248,7 +248,7 @@ fn remove_leftovers(dir: &Path, files: &[(&str, &[u8])]) {
 }
 
 /// A suffix no other save, in this process or another, uses at the same time.
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

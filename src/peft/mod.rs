@@ -48,7 +48,7 @@
 
 mod config;
 mod dirs;
-mod files;
+pub(crate) mod files;
 mod keys;
 mod load;
 mod save;

@@ -1,4 +1,5 @@
 //! Training with burn-train's `Learner`: checkpoints that hold the adapters, not the model.
+//! Behind the `train` feature.
 //!
 //! A LoRA run trains a few kilobytes to megabytes of factors on a frozen base of gigabytes.
 //! burn-train's default checkpointer writes the whole model record every epoch;
@@ -39,7 +40,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::{Module, ParamGroup, ParamId};
 use burn::store::ModuleRecord;
@@ -50,6 +50,7 @@ use crate::error::LoraError;
 use crate::model::LoraModule;
 use crate::model::snapshot::Snapshot;
 use crate::model::survey::module_path_of;
+use crate::peft::files::{io_error, unique_suffix};
 use crate::peft::{self, SaveOptions};
 
 /// The record of the adapter parameters, with their ids, inside a checkpoint directory.
@@ -318,14 +319,6 @@ fn checkpointer_error(error: LoraError) -> CheckpointerError {
     CheckpointerError::Unknown(error.to_string())
 }
 
-fn io_error(path: &Path, error: &std::io::Error) -> LoraError {
-    LoraError::Io {
-        path: path.display().to_string(),
-        kind: error.kind(),
-        message: error.to_string(),
-    }
-}
-
 /// A failure reading or writing `path` that is not the system's (a record or JSON error).
 fn other_error(path: &Path, error: impl std::fmt::Display) -> LoraError {
     LoraError::Io {
@@ -333,19 +326,6 @@ fn other_error(path: &Path, error: impl std::fmt::Display) -> LoraError {
         kind: std::io::ErrorKind::InvalidData,
         message: error.to_string(),
     }
-}
-
-/// A name part no other save, in this process or another, uses at the same time.
-fn unique_suffix() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos());
-    format!(
-        "{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Temporary directories a crashed save left behind.
