@@ -1,5 +1,6 @@
-//! Serving many adapters on one base: mixed batches against one adapter for the whole batch, and
-//! switching adapters against reloading the model.
+//! Serving many adapters on one base: mixed batches against one adapter for the whole batch,
+//! switching adapters against reloading the model, and hot-swapping an adapter's weights from a
+//! file against loading the file as a new adapter.
 //!
 //! ```sh
 //! cargo bench --bench adapters                  # CPU (flex; BURN_DEVICE=ndarray for ndarray)
@@ -11,7 +12,7 @@ use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn_lora::peft::{load_adapter, save_adapter};
+use burn_lora::peft::{LoadOptions, hotswap_adapter, load_adapter, save_adapter};
 use burn_lora::{LoraConfig, LoraLinear, LoraModule, MixedBatch, Targets};
 use criterion::{Criterion, criterion_group, criterion_main};
 
@@ -132,6 +133,36 @@ fn switching(c: &mut Criterion) {
             .expect("load base");
             let model = load_adapter(&fresh, dir.join(name), name).expect("load").0;
             let output = model.forward(x.clone());
+            device.sync().expect("device sync");
+            output
+        })
+    });
+    // One adapter slot whose weights a file replaces in place (ids and shapes kept), against
+    // loading the file as a new adapter beside it and activating that one.
+    let slot = load_adapter(&base, dir.join("a"), "slot").expect("load").0;
+    let options = LoadOptions::default();
+    group.bench_function("hotswap", |b| {
+        b.iter(|| {
+            round += 1;
+            let name = if round % 2 == 0 { "a" } else { "b" };
+            let swapped = hotswap_adapter(&slot, dir.join(name), "slot", &options)
+                .expect("same shapes")
+                .0;
+            let output = swapped.forward(x.clone());
+            device.sync().expect("device sync");
+            output
+        })
+    });
+    group.bench_function("load_and_set_active", |b| {
+        b.iter(|| {
+            round += 1;
+            let name = if round % 2 == 0 { "a" } else { "b" };
+            let loaded = load_adapter(&slot, dir.join(name), "incoming")
+                .expect("load")
+                .0
+                .set_active(&["incoming"])
+                .expect("known");
+            let output = loaded.forward(x.clone());
             device.sync().expect("device sync");
             output
         })

@@ -219,6 +219,28 @@ pub enum LoraError {
     #[error("adapters are disabled; call enable_adapters before merging")]
     AdaptersDisabled,
 
+    /// A hot-swap (or its preparation) that does not fit the model: every problem, one per
+    /// layer. The model is left as it was.
+    #[error("cannot hot-swap adapter `{adapter}` from {source_name}: {}", problems.join("; "))]
+    HotswapMismatch {
+        /// The adapter being replaced (or padded).
+        adapter: String,
+        /// Where the new weights come from.
+        source_name: String,
+        /// What does not fit, per layer.
+        problems: Vec<String>,
+    },
+
+    /// A pruning combination's density is outside `[0, 1]` (DARE's outside `(0, 1]`) or not a
+    /// number.
+    #[error("`{combination}` takes a density in [0, 1] (DARE in (0, 1]), not {density}")]
+    InvalidDensity {
+        /// PEFT's name of the combination.
+        combination: &'static str,
+        /// The density given.
+        density: f64,
+    },
+
     /// A combination weight was NaN or infinite.
     #[error("weight {weight} for adapter `{adapter}` is not finite")]
     InvalidWeight {

@@ -99,7 +99,9 @@ pub mod store;
 pub mod train;
 mod variants;
 
-pub use adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit, SavedCopy};
+pub use adapter::{
+    Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, MajoritySign, ResidualInit, SavedCopy,
+};
 pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern, Target, Targets, layer_index};
 pub use error::LoraError;
 pub use layers::{LoraLinear, LoraLinearConfig, MixedBatch, nn};

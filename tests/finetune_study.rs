@@ -90,6 +90,27 @@ fn corpus_is_deterministic_and_summaries_follow_the_dialogue() {
     }
 }
 
+/// The fine-tuning seeds of the miniature studies here (the study's default is 3; 2 keep the
+/// test short and still have a spread).
+const SEEDS: [u64; 2] = [42, 43];
+
+/// The variant a run name stands for: `<variant>_seed<N>`, `<variant>_repeat` or `base`.
+fn variant_of(name: &str) -> Variant {
+    let id = match name.rsplit_once("_seed") {
+        Some((id, seed)) if seed.parse::<u64>().is_ok() => id,
+        _ => name.trim_end_matches("_repeat"),
+    };
+    Variant::parse(id).expect("a variant")
+}
+
+/// The naive mean ± sample standard deviation, as the table prints it.
+fn mean_pm_std(values: &[f64], digits: usize) -> String {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1.0);
+    format!("{mean:.digits$} ± {:.digits$}", var.sqrt())
+}
+
 fn miniature_study_runs_end_to_end_and_reruns_identically() {
     let root = std::env::temp_dir().join(format!("burn-lora-study-test-{}", std::process::id()));
     let first = run_miniature(&root.join("first"));
@@ -101,7 +122,7 @@ fn miniature_study_runs_end_to_end_and_reruns_identically() {
         let b = &second[&name];
         assert_eq!(a.outcome(), b.outcome(), "run `{name}` differs on a rerun");
 
-        let variant = Variant::parse(name.trim_end_matches("_repeat")).expect("a variant");
+        let variant = variant_of(&name);
         // Trainable parameters, counted independently of the library's report.
         let expected = match variant {
             Variant::Base => 0,
@@ -126,13 +147,29 @@ fn miniature_study_runs_end_to_end_and_reruns_identically() {
                 .all(|(_, loss)| loss.is_finite() && *loss > 0.0)
         );
         assert!((0.0..=1.0).contains(&a.rouge1));
+        if variant != Variant::Base {
+            // Every step was timed, and the run went through burn-train's Learner, which logs
+            // its metrics per epoch into the run's directory.
+            assert!(
+                a.train_seconds > 0.0 && a.step_ms > 0.0,
+                "`{name}` timed its steps"
+            );
+            let learner = root
+                .join("first")
+                .join("work")
+                .join(format!("{name}.learner"));
+            assert!(
+                learner.join("train").is_dir(),
+                "`{name}` has no Learner logs"
+            );
+        }
         // What each variant ships: the model, or PEFT's two adapter files, far smaller.
         let shipped = root.join("first").join("work").join(&name);
         if variant.lora().is_some() {
             for file in ["adapter_model.safetensors", "adapter_config.json"] {
                 assert!(shipped.join(file).is_file(), "`{name}` lacks {file}");
             }
-            assert!(a.disk_bytes < first["full"].disk_bytes / 2);
+            assert!(a.disk_bytes < first["full_seed42"].disk_bytes / 2);
         } else {
             assert!(
                 shipped.join("model.bpk").is_file(),
@@ -142,14 +179,32 @@ fn miniature_study_runs_end_to_end_and_reruns_identically() {
     }
     // Full fine-tuning moves the validation loss from the base's (a few steps do that much).
     let base_loss = first["base"].final_val_loss();
-    assert_ne!(first["full"].final_val_loss(), base_loss);
+    assert_ne!(first["full_seed42"].final_val_loss(), base_loss);
+    for seed in SEEDS {
+        assert_eq!(
+            first[&format!("full_seed{seed}")].curve[0].1,
+            base_loss,
+            "every run starts from the same base"
+        );
+        assert_eq!(
+            first[&format!("lora_qv_r8_seed{seed}")].curve[0].1,
+            base_loss,
+            "LoRA starts exactly at the base"
+        );
+    }
+    // Another fine-tuning seed is another run: other data, initialisation and dropout.
+    for id in ["full", "lora_qv_r8", "lora_qkvo_r8", "lora_qv_r1"] {
+        let [a, b] = SEEDS.map(|seed| &first[&format!("{id}_seed{seed}")]);
+        assert_ne!(
+            a.outcome(),
+            b.outcome(),
+            "`{id}` gives the same run for both seeds"
+        );
+    }
+    // The repeat reruns the first seed.
     assert_eq!(
-        first["full"].curve[0].1, base_loss,
-        "every run starts from the same base"
-    );
-    assert_eq!(
-        first["lora_qv_r8"].curve[0].1, base_loss,
-        "LoRA starts exactly at the base"
+        first["lora_qkvo_r8_repeat"].outcome(),
+        first["lora_qkvo_r8_seed42"].outcome()
     );
 
     for dir in ["first", "second"] {
@@ -168,6 +223,29 @@ fn miniature_study_runs_end_to_end_and_reruns_identically() {
             );
         }
         assert!(table.contains("| 1 | 16.000 |"), "the sweep lacks rank 1");
+        // Mean ± standard deviation over the seeds, against a naive computation.
+        let runs = if dir == "first" { &first } else { &second };
+        let of = |id: &str, value: fn(&RunResult) -> f64| -> Vec<f64> {
+            SEEDS
+                .iter()
+                .map(|seed| value(&runs[&format!("{id}_seed{seed}")]))
+                .collect()
+        };
+        for (id, label) in [
+            ("full", "full fine-tuning"),
+            ("lora_qv_r8", "LoRA Q,V r=8"),
+            ("lora_qkvo_r8", "LoRA Q,K,V,O r=8"),
+        ] {
+            let row = format!("| {label} | {} |", mean_pm_std(&of(id, |r| r.rouge1), 3));
+            assert!(table.contains(&row), "the table lacks `{row}`");
+            let loss = mean_pm_std(&of(id, |r| r.final_val_loss()), 3);
+            assert!(
+                table.contains(&loss),
+                "the table lacks {label}'s loss `{loss}`"
+            );
+        }
+        let rank_one = mean_pm_std(&of("lora_qv_r1", |r| r.final_val_loss()), 4);
+        assert!(table.contains(&rank_one), "the sweep lacks `{rank_one}`");
         assert!(
             table.contains("pass: deterministic"),
             "the determinism bar holds"
@@ -261,23 +339,20 @@ fn miniature_variants_comparison_runs_every_variant() {
 
 /// Every run of a miniature study.
 fn run_names() -> Vec<String> {
-    [
-        "base",
-        "full",
-        "lora_qv_r8",
-        "lora_qkvo_r8",
-        "lora_qv_r1",
-        "lora_qkvo_r8_repeat",
-    ]
-    .map(String::from)
-    .to_vec()
+    let mut names = vec!["base".to_string(), "lora_qkvo_r8_repeat".to_string()];
+    for seed in SEEDS {
+        for id in ["full", "lora_qv_r8", "lora_qkvo_r8", "lora_qv_r1"] {
+            names.push(format!("{id}_seed{seed}"));
+        }
+    }
+    names
 }
 
 /// Runs the miniature study in `dir` (work and out inside) and reads back each run's results.
 fn run_miniature(dir: &Path) -> std::collections::HashMap<String, RunResult> {
     let work: PathBuf = dir.join("work");
     let out = dir.join("out");
-    let args = study_args(&["--miniature"], &out, &work);
+    let args = study_args(&["--miniature", "--seeds", "2"], &out, &work);
     let passed = study::run(&args).expect("the miniature study runs");
     assert!(passed, "a miniature study holds its determinism bar");
     run_names()

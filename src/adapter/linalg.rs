@@ -222,39 +222,6 @@ pub(crate) fn exact_factors(factors: &[(Mat<f64>, Mat<f64>, f64)]) -> (Mat<f64>,
     (u, v)
 }
 
-/// PEFT's linear combination: `A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ`, `B = Σ √|cᵢ|·Bᵢ`, all of one rank. Empty
-/// input gives two `0×0` matrices.
-///
-/// # Panics
-///
-/// When the factors do not all have the first one's shapes.
-pub(crate) fn linear_factors(factors: &[(Mat<f64>, Mat<f64>, f64)]) -> (Mat<f64>, Mat<f64>) {
-    let Some((first_a, first_b, _)) = factors.first() else {
-        return (Mat::zeros(0, 0), Mat::zeros(0, 0));
-    };
-    let mut sum_a = Mat::<f64>::zeros(first_a.nrows(), first_a.ncols());
-    let mut sum_b = Mat::<f64>::zeros(first_b.nrows(), first_b.ncols());
-    for (a, b, coefficient) in factors {
-        assert!(
-            a.shape() == sum_a.shape() && b.shape() == sum_b.shape(),
-            "a linear combination takes adapters of one rank"
-        );
-        let root = coefficient.abs().sqrt();
-        let signed = coefficient.signum() * root;
-        for j in 0..a.ncols() {
-            for i in 0..a.nrows() {
-                sum_a[(i, j)] += signed * a[(i, j)];
-            }
-        }
-        for j in 0..b.ncols() {
-            for i in 0..b.nrows() {
-                sum_b[(i, j)] += root * b[(i, j)];
-            }
-        }
-    }
-    (sum_a, sum_b)
-}
-
 /// The best rank-`rank` factors `A: [d_in, rank]`, `B: [rank, d_out]` of `U·V` without forming
 /// it: thin QRs `U = Q_U·R_U` and `Vᵀ = Q_V·R_V`, the SVD of the small core `R_U·R_Vᵀ = L·Σ·Mᵀ`,
 /// then `A = Q_U·L_r·√Σ_r` and `B = √Σ_r·M_rᵀ·Q_Vᵀ`. Zero-padded when `U·V` has a lower rank.
@@ -284,6 +251,42 @@ pub(crate) fn truncated_factors(
     let right = product(q_v.as_ref(), decomposition.V().subcols(0, kept));
     let roots: Vec<f64> = sigma[..kept].iter().map(|s| s.sqrt()).collect();
     assemble(left.as_ref(), &roots, right.as_ref(), &roots, rank)
+}
+
+/// The best rank-`rank` factors `A: [d_in, rank]`, `B: [rank, d_out]` of the matrix `m`, from
+/// its thin SVD `m = L·Σ·Mᵀ`: `A = L_r·√Σ_r`, `B = √Σ_r·M_rᵀ`. Zero-padded when `m` has a
+/// lower rank.
+///
+/// # Panics
+///
+/// When the SVD does not converge (non-finite values).
+pub(crate) fn truncated_matrix(m: MatRef<'_, f64>, rank: usize) -> (Mat<f64>, Mat<f64>) {
+    let (d_in, d_out) = m.shape();
+    if rank == 0 || d_in == 0 || d_out == 0 {
+        return (Mat::zeros(d_in, rank), Mat::zeros(rank, d_out));
+    }
+    let decomposition = m.thin_svd().expect("the SVD of a finite matrix converges");
+    let sigma = singular_values(&decomposition);
+    let kept = kept_triplets(&sigma, rank, d_in.max(d_out));
+    let roots: Vec<f64> = sigma[..kept].iter().map(|s| s.sqrt()).collect();
+    assemble(
+        decomposition.U().subcols(0, kept),
+        &roots,
+        decomposition.V().subcols(0, kept),
+        &roots,
+        rank,
+    )
+}
+
+/// `c·A·B` as a `[d_in, d_out]` matrix.
+pub(crate) fn scaled_product(a: MatRef<'_, f64>, b: MatRef<'_, f64>, c: f64) -> Mat<f64> {
+    let mut m = product(a, b);
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            m[(i, j)] *= c;
+        }
+    }
+    m
 }
 
 /// `‖U·V − X·Y‖_F / ‖X·Y‖_F` (plain `‖U·V − X·Y‖_F` when `X·Y = 0`), from Gram matrices without
@@ -761,16 +764,6 @@ mod tests {
         }
         let combined = naive_product(u.as_ref(), v.as_ref());
         assert!(max_difference(combined.as_ref(), expected.as_ref()) < 1e-12);
-
-        let (a, b) = linear_factors(&factors);
-        let expected_a = Mat::from_fn(7, 2, |i, j| {
-            0.7f64.sqrt() * factors[0].0[(i, j)] - 1.3f64.sqrt() * factors[1].0[(i, j)]
-        });
-        let expected_b = Mat::from_fn(2, 5, |i, j| {
-            0.7f64.sqrt() * factors[0].1[(i, j)] + 1.3f64.sqrt() * factors[1].1[(i, j)]
-        });
-        assert!(max_difference(a.as_ref(), expected_a.as_ref()) < 1e-12);
-        assert!(max_difference(b.as_ref(), expected_b.as_ref()) < 1e-12);
 
         let (u, v) = exact_factors(&[]);
         assert_eq!((u.shape(), v.shape()), ((0, 0), (0, 0)));

@@ -5,6 +5,7 @@
 //!   helpers;
 //! - `dora`: DoRA's rescaling, as tensor functions;
 //! - `linalg`: host linear algebra (SVD, QR) for the inits and combinations;
+//! - `merging`: PEFT's entry-wise merge rules (magnitude and DARE pruning, TIES);
 //! - `weights`: [`Adapter`], one named `(A, B)`;
 //! - `init`: where the factors start;
 //! - `saved`: [`SavedCopy`], an adapter's full copy of a parameter (`modules_to_save`);
@@ -16,11 +17,13 @@ mod dora;
 pub(crate) mod init;
 pub(crate) mod layout;
 pub(crate) mod linalg;
+pub(crate) mod merging;
 mod saved;
 mod state;
 mod weights;
 
 pub use layout::LayerKind;
+pub use merging::MajoritySign;
 pub use saved::SavedCopy;
 pub use state::LoraState;
 pub use weights::{Adapter, DEFAULT_ADAPTER, ResidualInit};

@@ -11,8 +11,9 @@ use burn::tensor::module::linear;
 use burn::tensor::{FloatDType, Tensor};
 
 use super::dora;
-use super::layout::to_f32;
+use super::layout::{float_dtype, to_f32};
 use crate::LoraError;
+use crate::config::scaling::alpha_for_scale;
 
 /// The name of the adapter that [`LoraConfig::apply`](crate::LoraConfig::apply) attaches.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -260,8 +261,66 @@ impl Adapter {
         }
     }
 
+    /// This adapter zero-padded to `rank` (at least its own): `A·B`, the scale and every flag
+    /// unchanged, the alpha restated for the new rank, and the parameters keeping their ids
+    /// with the new shapes (`[d_in, rank]`, `[rank, d_out]`).
+    pub(crate) fn padded(self, rank: usize) -> Self {
+        let (lora_a, lora_b) = pad_factors(self.lora_a.val(), self.lora_b.val(), rank);
+        let trainable = self.trainable;
+        Self {
+            lora_a: self.lora_a.map(|_| lora_a).set_require_grad(trainable),
+            lora_b: self.lora_b.map(|_| lora_b).set_require_grad(trainable),
+            alpha: alpha_for_scale(self.scale, rank, self.use_rslora),
+            ..self
+        }
+    }
+
+    /// This adapter with `other`'s factors (zero-padded to this adapter's rank, which must be at
+    /// least `other`'s), scale and DoRA magnitude: its own parameters keep their ids and
+    /// shapes, and its name, flags and dropout stay.
+    pub(crate) fn swapped(self, other: Adapter) -> Self {
+        let rank = self.rank();
+        let (lora_a, lora_b) = pad_factors(other.lora_a.val(), other.lora_b.val(), rank);
+        let trainable = self.trainable;
+        let magnitude = match (self.magnitude, other.magnitude) {
+            (Some(mine), Some(theirs)) => {
+                Some(mine.map(|_| theirs.val()).set_require_grad(trainable))
+            }
+            (mine, _) => mine,
+        };
+        Self {
+            lora_a: self.lora_a.map(|_| lora_a).set_require_grad(trainable),
+            lora_b: self.lora_b.map(|_| lora_b).set_require_grad(trainable),
+            magnitude,
+            scale: other.scale,
+            alpha: alpha_for_scale(other.scale, rank, other.use_rslora),
+            use_rslora: other.use_rslora,
+            ..self
+        }
+    }
+
     /// Whether the forward passes add this adapter: active and not folded into the base.
     pub fn contributes(&self) -> bool {
         self.active && !self.merged
     }
+}
+
+/// `A: [d_in, r]` and `B: [r, d_out]` with zero columns and rows appended up to `rank`, in
+/// their dtype: `A·B` is unchanged.
+fn pad_factors(lora_a: Tensor<2>, lora_b: Tensor<2>, rank: usize) -> (Tensor<2>, Tensor<2>) {
+    let [d_in, r] = lora_a.dims();
+    let [_, d_out] = lora_b.dims();
+    if rank <= r {
+        return (lora_a, lora_b);
+    }
+    let device = lora_a.device();
+    let zeros = |shape: [usize; 2], like: &Tensor<2>| {
+        Tensor::<2>::zeros(shape, &device).cast(float_dtype(like.dtype()))
+    };
+    let extra_a = zeros([d_in, rank - r], &lora_a);
+    let extra_b = zeros([rank - r, d_out], &lora_b);
+    (
+        Tensor::cat(vec![lora_a, extra_a], 1),
+        Tensor::cat(vec![lora_b, extra_b], 0),
+    )
 }

@@ -190,16 +190,33 @@ pub trait LoraModule: Module + Sized {
     /// activate others first, so the model never changes behaviour by surprise.
     fn delete_adapter(&self, name: &str) -> Result<Self, LoraError>;
 
+    /// Zero-pad every adapter to rank `rank`, so that later
+    /// [hot-swaps](crate::peft::PeftAdapter::hotswap_into) of any rank up to it change no
+    /// shape (PEFT's `prepare_model_for_compiled_hotswap`). Outputs do not change: `A·B` and the
+    /// scales stay, the alphas are restated for the new rank, and the parameters keep their
+    /// ids. An adapter already at `rank` is left as it is.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoAdapters`], [`LoraError::ZeroRank`], [`LoraError::RankTooLarge`] (above
+    /// a weight's `min(d_in, d_out)`), [`LoraError::HotswapMismatch`] for an adapter whose
+    /// rank is already above `rank`, and [`LoraError::UnsupportedVariant`] for a PiSSA/OLoRA
+    /// adapter (its saved form depends on its rank).
+    fn prepare_hotswap(&self, rank: usize) -> Result<Self, LoraError>;
+
     /// Combine existing adapters into a new inactive adapter `name`, weighting each by its
-    /// factor: see [`Combination`] for the three ways. The report gives, per layer, the
-    /// relative Frobenius error of the new `ΔW` against the exact weighted sum `Σ wᵢ·ΔWᵢ`.
+    /// factor: see [`Combination`] for PEFT's ways (linear, cat, svd, TIES, DARE, magnitude
+    /// pruning and their SVD forms). The report gives, per layer, the relative Frobenius error
+    /// of the new `ΔW` against the exact weighted sum `Σ wᵢ·ΔWᵢ` (for the pruning ways, how far
+    /// pruning moved it).
     ///
     /// # Errors
     ///
     /// [`LoraError::NoAdapterNamed`], [`LoraError::UnknownAdapter`],
     /// [`LoraError::AdapterExists`], [`LoraError::InvalidWeight`],
-    /// [`LoraError::IncompatibleRanks`] (for [`Combination::Linear`]) and
-    /// [`LoraError::ZeroRank`] (for [`Combination::Svd`]).
+    /// [`LoraError::InvalidDensity`], [`LoraError::IncompatibleRanks`] (for the ways that
+    /// combine factors), [`LoraError::ZeroRank`] and [`LoraError::RankTooLarge`] (for the SVD
+    /// forms).
     fn add_weighted_adapter(
         &self,
         adapters: &[(&str, f64)],
@@ -397,6 +414,53 @@ impl<M: Module> LoraModule for M {
         }))
     }
 
+    fn prepare_hotswap(&self, rank: usize) -> Result<Self, LoraError> {
+        let snapshot = adapted_snapshot(self)?;
+        if rank == 0 {
+            return Err(LoraError::ZeroRank);
+        }
+        let mut problems = Vec::new();
+        for (path, state) in &snapshot.states {
+            let module = module_path_of(path);
+            for adapter in &state.adapters {
+                let [d_in, _] = adapter.lora_a.lazy_shape().dims::<2>();
+                let [_, d_out] = adapter.lora_b.lazy_shape().dims::<2>();
+                if rank > d_in.min(d_out) {
+                    return Err(LoraError::rank_too_large(module, rank, d_in, d_out));
+                }
+                if adapter.residual_init.is_some() {
+                    return Err(LoraError::UnsupportedVariant {
+                        what: "padding a PiSSA/OLoRA adapter; save and reload it first".into(),
+                        path: module.to_string(),
+                        adapter: adapter.name.clone(),
+                    });
+                }
+                if adapter.rank() > rank {
+                    problems.push(format!(
+                        "`{module}`: adapter `{}` has rank {}, above {rank}",
+                        adapter.name,
+                        adapter.rank()
+                    ));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(LoraError::HotswapMismatch {
+                adapter: snapshot.adapter_names().join(", "),
+                source_name: format!("prepare_hotswap({rank})"),
+                problems,
+            });
+        }
+        Ok(edit_states(snapshot, |state| LoraState {
+            adapters: state
+                .adapters
+                .into_iter()
+                .map(|adapter| adapter.padded(rank))
+                .collect(),
+            ..state
+        }))
+    }
+
     fn add_weighted_adapter(
         &self,
         adapters: &[(&str, f64)],
@@ -407,6 +471,7 @@ impl<M: Module> LoraModule for M {
         if adapters.is_empty() {
             return Err(LoraError::NoAdapterNamed);
         }
+        combination.validate()?;
         for (source, weight) in adapters {
             snapshot.require_adapter(source)?;
             if !weight.is_finite() {

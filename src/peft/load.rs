@@ -16,7 +16,7 @@ use crate::adapter::layout::float_dtype;
 use crate::error::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 use crate::model::attach::{attach_adapters, saved_module_of};
 use crate::model::snapshot::Snapshot;
-use crate::model::survey::weight_path_of;
+use crate::model::survey::{module_path_of, weight_path_of};
 use crate::{Adapter, LayerKind, LoraError, SavedCopy};
 
 /// How [`load_adapter_with`](crate::peft::load_adapter_with) reads an adapter.
@@ -161,19 +161,147 @@ impl PeftAdapter {
         let snapshot = Snapshot::take(model)?;
         snapshot.require_new_name(name)?;
         snapshot.refuse_beside_residual("another adapter beside it", name)?;
+        let (adapters, copies, mut report) = self.build(&snapshot, name, options)?;
+        report.saved = copies.iter().map(|(path, _)| path.clone()).collect();
+        Ok((
+            attach_adapters(snapshot, adapters, copies, HashMap::new()),
+            report,
+        ))
+    }
+
+    /// Replace the factors of the model's adapter `name` with this file's, in place: PEFT's
+    /// `hotswap_adapter`. Every parameter keeps its `ParamId` and its shape, so an optimizer's
+    /// state, a LoRA+ schedule and anything else keyed by id or shape stays attached, and no
+    /// module is rebuilt around new parameters.
+    ///
+    /// The file must adapt exactly the layers that carry `name`, with a rank no larger than the
+    /// adapter's on each: a smaller one is zero-padded (pad every adapter to the largest rank
+    /// you will swap in with [`prepare_hotswap`](crate::LoraModule::prepare_hotswap)). The scale
+    /// comes from the file (its `lora_alpha` and `r`); the adapter keeps its flags (active,
+    /// trainable) and dropout. Other adapters are untouched.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::UnknownAdapter`], [`LoraError::AdaptersMerged`] (unmerge first),
+    /// [`LoraError::AdapterMismatch`] (the file does not fit the model, as in a load),
+    /// [`LoraError::UnsupportedAdapter`] (a file with `modules_to_save`), and
+    /// [`LoraError::HotswapMismatch`] listing every layer that does not fit: one adapted by
+    /// only one side, a rank above the adapter's, DoRA on one side only, or a PiSSA/OLoRA
+    /// adapter. On any error the model is left as it was.
+    pub fn hotswap_into<M: Module>(
+        &self,
+        model: &M,
+        name: &str,
+        options: &LoadOptions,
+    ) -> Result<(M, LoadReport), LoraError> {
+        let snapshot = Snapshot::take(model)?;
+        snapshot.require_adapter(name)?;
+        snapshot.require_unmerged("hot-swapping an adapter")?;
+        let (adapters, copies, report) = self.build(&snapshot, name, options)?;
+        if !copies.is_empty() {
+            return Err(LoraError::UnsupportedAdapter {
+                path: self.source.clone(),
+                feature: "modules_to_save in a hot-swap (load it as a new adapter)".into(),
+            });
+        }
+        let mut incoming: HashMap<String, Adapter> = adapters.into_iter().collect();
+        let mut problems = Vec::new();
+        let mut states = Vec::with_capacity(snapshot.states.len());
+        for (path, state) in &snapshot.states {
+            let module = module_path_of(path);
+            let new = incoming.remove(path);
+            let Some(current) = state.adapter(name) else {
+                if new.is_some() {
+                    problems.push(format!("`{module}`: the file adapts it, `{name}` does not"));
+                }
+                states.push((path.clone(), state.clone()));
+                continue;
+            };
+            let Some(new) = new else {
+                problems.push(format!("`{module}`: `{name}` adapts it, the file does not"));
+                continue;
+            };
+            if new.rank() > current.rank() {
+                problems.push(format!(
+                    "`{module}`: rank {} in the file, {} in the model (pad the model's adapters \
+                     with prepare_hotswap({}))",
+                    new.rank(),
+                    current.rank(),
+                    new.rank()
+                ));
+            }
+            if new.is_dora() != current.is_dora() {
+                problems.push(format!(
+                    "`{module}`: DoRA in {} only",
+                    match current.is_dora() {
+                        true => "the model",
+                        false => "the file",
+                    }
+                ));
+            }
+            if current.residual_init.is_some() {
+                problems.push(format!(
+                    "`{module}`: `{name}` started from the base (PiSSA/OLoRA); save and reload it \
+                     before hot-swapping"
+                ));
+            }
+            let mut state = state.clone();
+            state.adapters = state
+                .adapters
+                .into_iter()
+                .map(|adapter| match adapter.name == name {
+                    true => adapter.swapped(new.clone()),
+                    false => adapter,
+                })
+                .collect();
+            states.push((path.clone(), state));
+        }
+        // Layers the file adapts that no adapter of the model does.
+        for path in incoming.keys() {
+            problems.push(format!(
+                "`{}`: the file adapts it, `{name}` does not",
+                module_path_of(path)
+            ));
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            return Err(LoraError::HotswapMismatch {
+                adapter: name.to_string(),
+                source_name: self.source.clone(),
+                problems,
+            });
+        }
+        Ok((snapshot.rebuild(states, HashMap::new(), false), report))
+    }
+
+    /// The adapters (weight path → adapter `name`) and `modules_to_save` copies this file
+    /// gives `snapshot`'s model, each checked against it, and the report of what was checked.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::AdapterMismatch`] when nothing loads, or, with `strict`, when anything
+    /// does not fit.
+    #[allow(clippy::type_complexity)]
+    fn build<M: Module>(
+        &self,
+        snapshot: &Snapshot<M>,
+        name: &str,
+        options: &LoadOptions,
+    ) -> Result<(Vec<(String, Adapter)>, Vec<(String, SavedCopy)>, LoadReport), LoraError> {
         let mut report = LoadReport {
             adapter: name.to_string(),
             ..Default::default()
         };
+        let report = &mut report;
         let saved_tensors: Vec<&HostTensor> = self
             .tensors
             .iter()
             .filter(|tensor| self.saved_key(&tensor.key))
             .collect();
-        let pairs = self.pair_tensors(&mut report);
+        let pairs = self.pair_tensors(report);
         let mut accepted: Vec<CheckedModule> = Vec::new();
         for (module, tensors) in &pairs {
-            let Some(checked) = self.check_module(&snapshot, module, tensors, options, &mut report)
+            let Some(checked) = self.check_module(snapshot, module, tensors, options, report)
             else {
                 continue;
             };
@@ -193,7 +321,7 @@ impl PeftAdapter {
             }
             accepted.push(checked);
         }
-        self.check_coverage(&snapshot, &pairs, &options.key_map, &mut report);
+        self.check_coverage(snapshot, &pairs, &options.key_map, report);
 
         let paths: Vec<String> = accepted.iter().map(|m| weight_path_of(&m.path)).collect();
         let bases = snapshot.bases(&paths);
@@ -259,7 +387,7 @@ impl PeftAdapter {
             adapters.push((path, adapter.with_trainable(options.trainable)));
         }
 
-        let copies = self.saved_copies(name, &snapshot, &saved_tensors, options, &mut report);
+        let copies = self.saved_copies(name, snapshot, &saved_tensors, options, report);
         if (options.strict && !report.is_clean()) || adapters.is_empty() {
             if adapters.is_empty() && report.is_clean() {
                 report.notes.push("the file holds no LoRA tensors".into());
@@ -267,14 +395,10 @@ impl PeftAdapter {
             report.loaded.clear();
             return Err(LoraError::AdapterMismatch {
                 path: self.source.clone(),
-                report: Box::new(report),
+                report: Box::new(std::mem::take(report)),
             });
         }
-        report.saved = copies.iter().map(|(path, _)| path.clone()).collect();
-        Ok((
-            attach_adapters(snapshot, adapters, copies, HashMap::new()),
-            report,
-        ))
+        Ok((adapters, copies, std::mem::take(report)))
     }
 
     /// Whether `key` holds a copy of a parameter of a `modules_to_save` module: a key that is

@@ -133,3 +133,19 @@ pub fn load_adapter_with<M: Module>(
 ) -> Result<(M, LoadReport), LoraError> {
     PeftAdapter::read(dir)?.load_into(model, name, options)
 }
+
+/// Replace the weights of the model's adapter `name` with the PEFT adapter in `dir`, in place,
+/// keeping every parameter's id and shape: PEFT's `hotswap_adapter`. See
+/// [`PeftAdapter::hotswap_into`] and [`LoraModule::prepare_hotswap`](crate::LoraModule::prepare_hotswap).
+///
+/// # Errors
+///
+/// See [`PeftAdapter::read`] and [`PeftAdapter::hotswap_into`].
+pub fn hotswap_adapter<M: Module>(
+    model: &M,
+    dir: impl AsRef<Path>,
+    name: &str,
+    options: &LoadOptions,
+) -> Result<(M, LoadReport), LoraError> {
+    PeftAdapter::read(dir)?.hotswap_into(model, name, options)
+}

@@ -27,9 +27,11 @@ use variant::{RunResult, Variant};
 const USAGE: &str =
     "usage: finetune_study [--quick | --miniature] [--seed N] [--out DIR] [--work DIR]
 
-  --quick      fewer steps and ranks: under 2 minutes on 2 cores
+  --quick      fewer and smaller steps, no rank sweep: under 2 minutes on 2 cores
   --miniature  a few steps of a tiny model: checks the pipeline, not the quality
-  --seed N     the seed of the data, the initialisation and dropout (default 42)
+  --seed N     the seed of the base (its pretraining) and of the held-out dialogues (default 42)
+  --seeds K    fine-tune every variant K times, with seeds N, N+1, ...: the fine-tuning data
+               stream, the adapters' initialisation and dropout (default 3; mean ± std)
   --full-lr X  full fine-tuning's peak learning rate (default 0.004)
   --lora-lr X  LoRA's peak learning rate (default 0.02)
   --loraplus-lr X, --pissa-lr X, --qlora-lr X
@@ -67,6 +69,10 @@ const WORK_MARKER: &str = ".finetune_study";
 struct Options {
     preset: Preset,
     seed: u64,
+    /// How many fine-tuning seeds each variant runs with.
+    seeds: usize,
+    /// Set in a child process: the fine-tuning seed.
+    finetune_seed: Option<u64>,
     out: PathBuf,
     work: PathBuf,
     /// Set in a child process: the task (`pretrain` or a variant id) and the run's name.
@@ -81,6 +87,8 @@ impl Options {
     fn parse(args: &[String]) -> Result<Self, String> {
         let mut preset = Preset::full();
         let mut seed = 42;
+        let mut seeds = 3;
+        let mut finetune_seed = None;
         let mut out = PathBuf::from("docs/results");
         let mut work = None;
         let mut task = None;
@@ -107,6 +115,19 @@ impl Options {
                     seed = value()?
                         .parse()
                         .map_err(|_| format!("--seed takes a whole number\n{USAGE}"))?
+                }
+                "--seeds" => {
+                    seeds = value()?
+                        .parse()
+                        .ok()
+                        .filter(|k| *k >= 1)
+                        .ok_or(format!("--seeds takes a whole number ≥ 1\n{USAGE}"))?
+                }
+                "--finetune-seed" => {
+                    finetune_seed =
+                        Some(value()?.parse().map_err(|_| {
+                            format!("--finetune-seed takes a whole number\n{USAGE}")
+                        })?)
                 }
                 "--full-lr" => full_lr = Some(learning_rate(arg, value()?)?),
                 "--lora-lr" => lora_lr = Some(learning_rate(arg, value()?)?),
@@ -141,6 +162,8 @@ impl Options {
         Ok(Self {
             preset,
             seed,
+            seeds,
+            finetune_seed,
             out,
             work,
             child,
@@ -160,6 +183,7 @@ impl Options {
                 run::finetune(
                     &self.preset,
                     self.seed,
+                    self.finetune_seed.unwrap_or(self.seed),
                     variant,
                     &self.work,
                     run_name,
@@ -200,10 +224,11 @@ impl Options {
             .map_err(|e| format!("cannot create {}: {e}", self.out.display()))
     }
 
-    /// Runs `variant` alone in a child process and reads its result back.
+    /// Runs `variant` alone in a child process, with the study's seed, and reads its result
+    /// back.
     fn run_one(&self, variant: Variant) -> Result<RunResult, String> {
         let name = variant.id();
-        self.spawn_all(&[(name.clone(), name.clone())])?;
+        self.spawn_all(&[Job::new(variant, &name, self.seed)])?;
         let value = run::read_json(&run::result_path(&self.work, &name))?;
         RunResult::from_json(&value).ok_or(format!("the results of run `{name}` are incomplete"))
     }
@@ -217,7 +242,7 @@ impl Options {
         runs.extend(Variant::beyond_lora());
         let total = runs.len() + 1;
         eprintln!("[1/{total}] pretraining the base on task A");
-        self.spawn_all(&[("pretrain".into(), "pretrain".into())])?;
+        self.spawn_all(&[Job::pretrain()])?;
         let mut results = Vec::new();
         for (index, variant) in runs.iter().enumerate() {
             eprintln!("[{}/{total}] {}", index + 2, variant.label());
@@ -255,6 +280,7 @@ impl Options {
         let start = Instant::now();
         self.prepare_directories()?;
 
+        let seeds: Vec<u64> = (0..self.seeds as u64).map(|k| self.seed + k).collect();
         let comparison = [
             Variant::Base,
             Variant::Full,
@@ -263,29 +289,35 @@ impl Options {
         ];
         let sweep: Vec<usize> = self.preset.ranks.to_vec();
         // The comparison runs one process at a time, so that their step times and peak memory
-        // are measured on a quiet machine. The sweep reports neither, so its runs share the
-        // cores, a process per core (each run's numbers do not depend on what runs beside it).
-        let mut stages: Vec<Vec<(Variant, String)>> =
-            comparison.iter().map(|v| vec![(*v, v.id())]).collect();
-        let extra_ranks: Vec<(Variant, String)> = sweep
+        // are measured on a quiet machine. The base only evaluates, which no seed changes. The
+        // sweep reports neither time nor memory, so its runs share the cores, a process per
+        // core (each run's numbers do not depend on what runs beside it).
+        let mut stages: Vec<Vec<Job>> = vec![vec![Job::new(Variant::Base, "base", seeds[0])]];
+        for seed in &seeds {
+            for variant in &comparison[1..] {
+                stages.push(vec![Job::new(*variant, &run_name(*variant, *seed), *seed)]);
+            }
+        }
+        let extra_ranks: Vec<Job> = sweep
             .iter()
             .map(|r| Variant::LoraQv(*r))
             .filter(|v| !comparison.contains(v))
-            .map(|v| (v, v.id()))
+            .flat_map(|v| seeds.iter().map(move |s| Job::new(v, &run_name(v, *s), *s)))
             .collect();
         let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
         stages.extend(extra_ranks.chunks(jobs).map(<[_]>::to_vec));
-        stages.push(vec![(Variant::LoraQkvo(8), "lora_qkvo_r8_repeat".into())]);
+        let repeat = "lora_qkvo_r8_repeat";
+        stages.push(vec![Job::new(Variant::LoraQkvo(8), repeat, seeds[0])]);
         let total = stages.iter().map(Vec::len).sum::<usize>() + 1;
 
         eprintln!("[1/{total}] pretraining the base on task A");
-        self.spawn_all(&[("pretrain".into(), "pretrain".into())])?;
+        self.spawn_all(&[Job::pretrain()])?;
         let pretrain = run::read_json(&run::result_path(&self.work, "pretrain"))?;
         let mut results = Vec::new();
         for stage in &stages {
             let names: Vec<String> = stage
                 .iter()
-                .map(|(variant, name)| format!("{} ({name})", variant.label()))
+                .map(|job| format!("{} ({})", job.variant_label(), job.run))
                 .collect();
             let first = results.len() + 2;
             let last = first + stage.len() - 1;
@@ -296,37 +328,41 @@ impl Options {
                     names.join(", ")
                 ),
             }
-            let tasks: Vec<(String, String)> = stage
-                .iter()
-                .map(|(v, name)| (v.id(), name.clone()))
-                .collect();
-            self.spawn_all(&tasks)?;
-            for (variant, name) in stage {
-                let value = run::read_json(&run::result_path(&self.work, name))?;
+            self.spawn_all(stage)?;
+            for job in stage {
+                let value = run::read_json(&run::result_path(&self.work, &job.run))?;
                 let result = RunResult::from_json(&value)
-                    .ok_or(format!("the results of run `{name}` are incomplete"))?;
-                let trained = match variant {
-                    Variant::Base => "no training".to_string(),
+                    .ok_or(format!("the results of run `{}` are incomplete", job.run))?;
+                let trained = match job.task.as_str() {
+                    "base" => "no training".to_string(),
                     _ => format!("{:.1} s of training", result.train_seconds),
                 };
                 eprintln!(
-                    "      {name}: ROUGE-1 {:.3}, validation loss {:.4}, {trained}",
+                    "      {}: ROUGE-1 {:.3}, validation loss {:.4}, {trained}",
+                    job.run,
                     result.rouge1,
                     result.final_val_loss(),
                 );
-                results.push((*variant, name.clone(), result));
+                results.push((job.run.clone(), result));
             }
         }
         let find = |name: &str| {
             results
                 .iter()
-                .find(|(_, n, _)| n == name)
-                .map(|(_, _, r)| r.clone())
+                .find(|(n, _)| n == name)
+                .map(|(_, r)| r.clone())
                 .expect("every run has a result")
+        };
+        let per_seed = |variant: Variant| -> Vec<RunResult> {
+            match variant {
+                Variant::Base => vec![find("base")],
+                _ => seeds.iter().map(|s| find(&run_name(variant, *s))).collect(),
+            }
         };
         let study = Study {
             preset: self.preset.clone(),
             seed: self.seed,
+            seeds: seeds.clone(),
             command: self.command(),
             machine: machine(),
             backend: format!("{:?}", Device::default()),
@@ -338,12 +374,12 @@ impl Options {
                 .and_then(|c| c.last())
                 .and_then(|p| p[1].as_f64())
                 .unwrap_or(f64::NAN),
-            comparison: comparison.iter().map(|v| (*v, find(&v.id()))).collect(),
+            comparison: comparison.iter().map(|v| (*v, per_seed(*v))).collect(),
             sweep: sweep
                 .iter()
-                .map(|r| (*r, find(&Variant::LoraQv(*r).id())))
+                .map(|r| (*r, per_seed(Variant::LoraQv(*r))))
                 .collect(),
-            repeat: find("lora_qkvo_r8_repeat"),
+            repeat: find(repeat),
         };
         let bars = study.bars();
         let stem = match self.preset.name {
@@ -376,16 +412,18 @@ impl Options {
         Ok(missed.is_empty())
     }
 
-    /// Runs each (task, run) in a fresh process of this same program, all at once, and waits
-    /// for them. Several at once draw no progress bars, which would overwrite each other.
-    fn spawn_all(&self, tasks: &[(String, String)]) -> Result<(), String> {
+    /// Runs each job in a fresh process of this same program, all at once, and waits for
+    /// them. Several at once draw no progress bars, which would overwrite each other.
+    fn spawn_all(&self, jobs: &[Job]) -> Result<(), String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
         let mut children = Vec::new();
-        for (task, run) in tasks {
+        for job in jobs {
             let mut command = Command::new(&exe);
             command
-                .args(["--child", task, "--run", run, "--preset", self.preset.name])
+                .args(["--child", &job.task, "--run", &job.run])
+                .args(["--preset", self.preset.name])
                 .args(["--seed", &self.seed.to_string()])
+                .args(["--finetune-seed", &job.finetune_seed.to_string()])
                 .args(["--full-lr", &self.preset.full_lr.to_string()])
                 .args(["--lora-lr", &self.preset.lora_lr.to_string()])
                 .args(["--loraplus-lr", &self.preset.loraplus_lr.to_string()])
@@ -393,13 +431,13 @@ impl Options {
                 .args(["--qlora-lr", &self.preset.qlora_lr.to_string()])
                 .arg("--work")
                 .arg(&self.work);
-            if tasks.len() > 1 {
+            if jobs.len() > 1 {
                 command.arg("--no-progress");
             }
             let child = command
                 .spawn()
-                .map_err(|e| format!("cannot start the `{run}` run: {e}"))?;
-            children.push((run, child));
+                .map_err(|e| format!("cannot start the `{}` run: {e}", job.run))?;
+            children.push((&job.run, child));
         }
         let mut failures = Vec::new();
         for (run, mut child) in children {
@@ -428,6 +466,9 @@ impl Options {
         if self.seed != 42 {
             flags.push(format!("--seed {}", self.seed));
         }
+        if self.seeds != 3 && !self.variants {
+            flags.push(format!("--seeds {}", self.seeds));
+        }
         if self.preset.full_lr != default.full_lr {
             flags.push(format!("--full-lr {}", self.preset.full_lr));
         }
@@ -448,6 +489,42 @@ impl Options {
         }
         command
     }
+}
+
+/// One child process: a task (`pretrain` or a variant id), the name of its run, and its
+/// fine-tuning seed.
+#[derive(Clone, Debug)]
+struct Job {
+    task: String,
+    run: String,
+    finetune_seed: u64,
+}
+
+impl Job {
+    fn new(variant: Variant, run: &str, finetune_seed: u64) -> Self {
+        Self {
+            task: variant.id(),
+            run: run.to_string(),
+            finetune_seed,
+        }
+    }
+
+    fn pretrain() -> Self {
+        Self {
+            task: "pretrain".into(),
+            run: "pretrain".into(),
+            finetune_seed: 0,
+        }
+    }
+
+    fn variant_label(&self) -> String {
+        Variant::parse(&self.task).map_or(self.task.clone(), |v| v.label())
+    }
+}
+
+/// The name of `variant`'s run with fine-tuning seed `seed`.
+pub fn run_name(variant: Variant, seed: u64) -> String {
+    format!("{}_seed{seed}", variant.id())
 }
 
 fn learning_rate(flag: &str, value: String) -> Result<f64, String> {

@@ -1,12 +1,14 @@
 //! The study's figure: validation loss over steps per variant, and ROUGE-1 and the final
-//! validation loss against rank.
+//! validation loss against rank; means over the fine-tuning seeds, with a band or bars of ±
+//! one standard deviation.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
-use super::report::Study;
+use super::report::{Study, each, mean_std};
+use super::variant::RunResult;
 use super::variant::Variant;
 
 /// DejaVu Sans cut down to ASCII, bundled so that plotting needs no system fonts.
@@ -27,25 +29,31 @@ pub fn draw(study: &Study, path: &Path) -> Result<(), String> {
     root.fill(&WHITE).map_err(text)?;
     let panels = root.split_evenly((1, 3));
     loss_curves(study, &panels[0])?;
-    let ranks: Vec<(f64, f64, f64)> = study
-        .sweep
-        .iter()
-        .map(|(rank, r)| (*rank as f64, r.rouge1, r.final_val_loss()))
-        .collect();
+    let ranks = |value: fn(&RunResult) -> f64| -> Vec<(f64, f64, f64)> {
+        study
+            .sweep
+            .iter()
+            .map(|(rank, runs)| {
+                let (mean, std) = mean_std(&each(runs, value));
+                (*rank as f64, mean, std)
+            })
+            .collect()
+    };
+    let full = |value: fn(&RunResult) -> f64| mean_std(&each(study.runs(Variant::Full), value)).0;
     against_rank(
         &panels[1],
         "ROUGE-1 vs rank (LoRA Q,V)",
         "ROUGE-1 F1",
-        ranks.iter().map(|(r, rouge, _)| (*r, *rouge)).collect(),
-        Some(study.result(Variant::Full).rouge1),
+        ranks(|r| r.rouge1),
+        Some(full(|r| r.rouge1)),
         SeriesLabelPosition::LowerRight,
     )?;
     against_rank(
         &panels[2],
         "Final validation loss vs rank (LoRA Q,V)",
         "validation loss",
-        ranks.iter().map(|(r, _, loss)| (*r, *loss)).collect(),
-        Some(study.result(Variant::Full).final_val_loss()),
+        ranks(|r| r.final_val_loss()),
+        Some(full(|r| r.final_val_loss())),
         SeriesLabelPosition::UpperRight,
     )?;
     root.present().map_err(text)
@@ -53,15 +61,37 @@ pub fn draw(study: &Study, path: &Path) -> Result<(), String> {
 
 type Panel<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
+/// (step, mean, standard deviation) at each validation point.
+type Band = Vec<(f64, f64, f64)>;
+
+/// The mean curve of `runs` and its standard deviation at each validation point (the runs
+/// validate at the same steps).
+fn mean_curve(runs: &[RunResult]) -> Band {
+    runs[0]
+        .curve
+        .iter()
+        .enumerate()
+        .map(|(i, (step, _))| {
+            let losses: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.curve.get(i).map(|(_, loss)| *loss))
+                .collect();
+            let (mean, std) = mean_std(&losses);
+            (*step as f64, mean, std)
+        })
+        .collect()
+}
+
 fn loss_curves(study: &Study, area: &Panel) -> Result<(), String> {
-    let trained: Vec<_> = study
+    let trained: Vec<(Variant, Band)> = study
         .comparison
         .iter()
         .filter(|(v, _)| *v != Variant::Base)
+        .map(|(v, runs)| (*v, mean_curve(runs)))
         .collect();
-    let points = trained.iter().flat_map(|(_, r)| r.curve.iter());
-    let max_step = points.clone().map(|(s, _)| *s).max().unwrap_or(1).max(1) as f64;
-    let (low, high) = bounds(points.map(|(_, loss)| *loss));
+    let points = trained.iter().flat_map(|(_, curve)| curve.iter());
+    let max_step = points.clone().map(|(s, _, _)| *s).fold(1.0, f64::max);
+    let (low, high) = bounds(points.flat_map(|(_, mean, std)| [mean - std, mean + std]));
     let mut chart = ChartBuilder::on(area)
         .caption("Validation loss on task B", ("sans-serif", 20))
         .margin(12)
@@ -72,18 +102,27 @@ fn loss_curves(study: &Study, area: &Panel) -> Result<(), String> {
     chart
         .configure_mesh()
         .x_desc("fine-tuning step")
-        .y_desc("validation loss")
+        .y_desc("validation loss (mean +/- std)")
         .x_label_formatter(&|step| match (step - step.round()).abs() < 1e-9 {
             true => format!("{step:.0}"),
             false => String::new(),
         })
         .draw()
         .map_err(text)?;
-    for (i, (variant, result)) in trained.iter().enumerate() {
+    for (i, (variant, curve)) in trained.iter().enumerate() {
         let color = COLORS[(i + 1) % COLORS.len()];
+        // The band: up along mean + std, back along mean − std.
+        let band: Vec<(f64, f64)> = curve
+            .iter()
+            .map(|(s, m, d)| (*s, m + d))
+            .chain(curve.iter().rev().map(|(s, m, d)| (*s, m - d)))
+            .collect();
+        chart
+            .draw_series(std::iter::once(Polygon::new(band, color.mix(0.2).filled())))
+            .map_err(text)?;
         chart
             .draw_series(LineSeries::new(
-                result.curve.iter().map(|(s, l)| (*s as f64, *l)),
+                curve.iter().map(|(s, m, _)| (*s, *m)),
                 color.stroke_width(2),
             ))
             .map_err(text)?
@@ -92,7 +131,7 @@ fn loss_curves(study: &Study, area: &Panel) -> Result<(), String> {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    let base = study.result(Variant::Base).final_val_loss();
+    let base = study.runs(Variant::Base)[0].final_val_loss();
     chart
         .draw_series(LineSeries::new(
             [(0.0, base), (max_step, base)],
@@ -111,19 +150,29 @@ fn loss_curves(study: &Study, area: &Panel) -> Result<(), String> {
         .map_err(text)
 }
 
-/// `points` are (rank, value); the x axis is log2(rank), labelled with the ranks.
+/// `points` are (rank, mean, std); the x axis is log2(rank), labelled with the ranks, and each
+/// point has a bar of ± one standard deviation.
 fn against_rank(
     area: &Panel,
     title: &str,
     y_desc: &str,
-    points: Vec<(f64, f64)>,
+    points: Vec<(f64, f64, f64)>,
     full: Option<f64>,
     legend: SeriesLabelPosition,
 ) -> Result<(), String> {
-    let points: Vec<(f64, f64)> = points.iter().map(|(r, y)| (r.log2(), *y)).collect();
+    let spread: Vec<(f64, f64, f64)> = points
+        .iter()
+        .map(|(r, mean, std)| (r.log2(), *mean, *std))
+        .collect();
+    let points: Vec<(f64, f64)> = spread.iter().map(|(x, y, _)| (*x, *y)).collect();
     let max_log = points.iter().map(|(x, _)| *x).fold(0.0, f64::max);
     let (left, right) = (-0.4, max_log + 0.4);
-    let (low, high) = bounds(points.iter().map(|(_, y)| *y).chain(full));
+    let (low, high) = bounds(
+        spread
+            .iter()
+            .flat_map(|(_, y, d)| [y - d, y + d])
+            .chain(full),
+    );
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -148,7 +197,7 @@ fn against_rank(
             COLORS[2].stroke_width(2),
         ))
         .map_err(text)?
-        .label("LoRA Q,V, alpha 16")
+        .label("LoRA Q,V, alpha 16 (mean +/- std)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], COLORS[2].stroke_width(2)));
     chart
         .draw_series(
@@ -157,6 +206,17 @@ fn against_rank(
                 .map(|p| Circle::new(*p, 4, COLORS[2].filled())),
         )
         .map_err(text)?;
+    // ± one standard deviation, with caps.
+    let cap = 0.08;
+    chart
+        .draw_series(spread.iter().flat_map(|(x, y, d)| {
+            [
+                PathElement::new(vec![(*x, y - d), (*x, y + d)], COLORS[2].stroke_width(1)),
+                PathElement::new(vec![(x - cap, y - d), (x + cap, y - d)], COLORS[2]),
+                PathElement::new(vec![(x - cap, y + d), (x + cap, y + d)], COLORS[2]),
+            ]
+        }))
+        .map_err(text)?;
     if let Some(full) = full {
         chart
             .draw_series(LineSeries::new(
@@ -164,7 +224,7 @@ fn against_rank(
                 COLORS[1].stroke_width(1),
             ))
             .map_err(text)?
-            .label("full fine-tuning")
+            .label("full fine-tuning (mean)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], COLORS[1]));
     }
     chart

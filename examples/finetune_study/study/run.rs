@@ -60,14 +60,17 @@ impl Data {
         self.held_out.contains(&example.dialogue)
     }
 
-    /// Task B's validation batch.
-    pub fn val_batch(&self, device: &Device) -> Batch {
-        let sequences: Vec<Sequence> = self
-            .val
+    /// Task B's validation sequences.
+    pub fn val_sequences(&self) -> Vec<Sequence> {
+        self.val
             .iter()
             .map(|e| corpus::summarisation_sequence(&self.vocab, e))
-            .collect();
-        Batch::new(&sequences, device)
+            .collect()
+    }
+
+    /// Task B's validation batch.
+    pub fn val_batch(&self, device: &Device) -> Batch {
+        Batch::new(&self.val_sequences(), device)
     }
 }
 
@@ -93,7 +96,6 @@ pub fn pretrain(preset: &Preset, seed: u64, work: &Path, progress: bool) -> Resu
     let val_sequences: Vec<Sequence> = (0..preset.val_examples)
         .map(|_| corpus::pretraining_sequence(&data.vocab, &mut val_rng))
         .collect();
-    let val = Batch::new(&val_sequences, &device.clone().inner());
     let mut rng = Rng::new(seed ^ PRETRAIN_STREAM);
     let mut next = || corpus::pretraining_sequence(&data.vocab, &mut rng);
     let settings = TrainSettings {
@@ -105,7 +107,8 @@ pub fn pretrain(preset: &Preset, seed: u64, work: &Path, progress: bool) -> Resu
     };
     let start = Instant::now();
     let label = progress.then_some("pretrain (task A)");
-    let trained = train::train(model, &mut next, &settings, &val, label);
+    let dir = work.join("pretrain.learner");
+    let trained = train::train(model, &mut next, &settings, &val_sequences, &dir, label)?;
     let seconds = start.elapsed().as_secs_f64();
     let task_b_loss = train::validation_loss(&trained.model, &data.val_batch(&device.inner()));
     trained
@@ -123,16 +126,19 @@ pub fn pretrain(preset: &Preset, seed: u64, work: &Path, progress: bool) -> Resu
 }
 
 /// Adapts the base to task B as `variant` says, then measures it, and writes `run.json`.
+/// `seed` is the study's (the base, the held-out dialogues); `finetune_seed` draws the
+/// fine-tuning data stream, the adapters' initialisation and dropout.
 pub fn finetune(
     preset: &Preset,
     seed: u64,
+    finetune_seed: u64,
     variant: Variant,
     work: &Path,
     run: &str,
     progress: bool,
 ) -> Result<(), String> {
     let device = Device::default().autodiff();
-    device.seed(seed);
+    device.seed(finetune_seed);
     let data = Data::new(preset, seed);
     let base = preset
         .model(data.vocab.len())
@@ -153,13 +159,12 @@ pub fn finetune(
         _ => (base, 0, base_params),
     };
 
-    let val = data.val_batch(&device.clone().inner());
     let tracks_memory = memory::reset_peak_rss();
     let (model, curve, step_seconds) = if variant == Variant::Base {
-        let loss = train::validation_loss(&model, &val);
+        let loss = train::validation_loss(&model, &data.val_batch(&device.clone().inner()));
         (model, vec![(0, loss)], Vec::new())
     } else {
-        let mut rng = Rng::new(seed ^ FINETUNE_STREAM);
+        let mut rng = Rng::new(finetune_seed ^ FINETUNE_STREAM);
         let mut next = || loop {
             let example = corpus::example(&mut rng);
             if !data.is_held_out(&example) {
@@ -175,7 +180,9 @@ pub fn finetune(
         };
         let label = variant.id();
         let label = progress.then_some(label.as_str());
-        let trained = train::train(model, &mut next, &settings, &val, label);
+        let dir = work.join(format!("{run}.learner"));
+        let val = data.val_sequences();
+        let trained = train::train(model, &mut next, &settings, &val, &dir, label)?;
         (trained.model, trained.curve, trained.step_seconds)
     };
     // The base's process only evaluates; its peak is not a training peak.
