@@ -385,6 +385,25 @@ fn bad_arguments_are_typed_errors() {
         ),
         Err(LoraError::RankTooLarge { .. })
     ));
+    // A source that diverged (NaN) is refused by every way, the SVD forms included.
+    let diverged = common::fill(model.clone(), "lora_a", f64::NAN);
+    for combination in [
+        Combination::Svd { rank: 6 },
+        Combination::TiesSvd {
+            rank: 6,
+            density: 0.5,
+            majority_sign: MajoritySign::Total,
+        },
+        Combination::Linear,
+    ] {
+        assert!(
+            matches!(
+                diverged.add_weighted_adapter(&SOURCES, "x", combination),
+                Err(LoraError::NonFiniteCombination { .. })
+            ),
+            "{combination:?}"
+        );
+    }
     // Factor-wise rules need one rank: a rank-6 SVD combination beside a rank-4 source.
     let (mixed, _) = model
         .add_weighted_adapter(&SOURCES, "wide", Combination::Svd { rank: 6 })

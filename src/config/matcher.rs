@@ -124,13 +124,11 @@ impl Targets {
     /// Whether a linear layer at `path` is selected: an `include` target matches, no `exclude`
     /// target does, and its layer index passes `layers_to_transform`.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// Panics on an invalid regex; [`LoraConfig::validate`](crate::LoraConfig::validate)
-    /// reports it as an error instead.
-    pub fn matches(&self, path: &str) -> bool {
-        let compiled = self.compile().expect("valid regex targets");
-        compiled.included_by_module(path, "Linear").is_some()
+    /// [`LoraError::InvalidRegex`] for a regex target that does not compile.
+    pub fn matches(&self, path: &str) -> Result<bool, LoraError> {
+        Ok(self.compile()?.included_by_module(path, "Linear").is_some())
     }
 
     /// Compile every regex once, for matching many paths.
@@ -230,6 +228,9 @@ mod tests {
         assert!(
             matches!(error, LoraError::InvalidRegex { ref pattern, .. } if pattern == "layers.(")
         );
+        // Matching a path with it is the same error, not a panic.
+        let error = targets.matches("layers.0.q_proj").unwrap_err();
+        assert!(matches!(error, LoraError::InvalidRegex { .. }));
     }
 
     #[test]
@@ -282,15 +283,15 @@ mod tests {
             "model.layers.1.self_attn.q_proj",
             "model.layers.1.self_attn.o_proj",
         ] {
-            assert!(attention.matches(path), "{path}");
+            assert!(attention.matches(path).unwrap(), "{path}");
         }
-        assert!(!attention.matches("enc.pwff.linear_inner"));
-        assert!(!Targets::attention_qv().matches("enc.mha.key"));
+        assert!(!attention.matches("enc.pwff.linear_inner").unwrap());
+        assert!(!Targets::attention_qv().matches("enc.mha.key").unwrap());
         let feed_forward = Targets::feed_forward();
         for path in ["enc.pwff.linear_inner", "mlp.gate_proj", "mlp.fc2"] {
-            assert!(feed_forward.matches(path), "{path}");
+            assert!(feed_forward.matches(path).unwrap(), "{path}");
         }
-        assert!(!feed_forward.matches("enc.mha.query"));
+        assert!(!feed_forward.matches("enc.mha.query").unwrap());
     }
 
     #[test]
@@ -306,7 +307,7 @@ mod tests {
             "bert.encoder.layer.0.attention.self.query",
             "bert.encoder.layer.0.attention.output.dense",
         ] {
-            assert!(attention.matches(path), "{path}");
+            assert!(attention.matches(path).unwrap(), "{path}");
         }
         for path in [
             "output",
@@ -315,7 +316,7 @@ mod tests {
             "bert.encoder.layer.0.output.dense",
             "blocks.0.mlp.output",
         ] {
-            assert!(!attention.matches(path), "{path}");
+            assert!(!attention.matches(path).unwrap(), "{path}");
         }
         let feed_forward = Targets::feed_forward();
         for path in [
@@ -324,34 +325,34 @@ mod tests {
             "bert.encoder.layer.0.intermediate.dense",
             "bert.encoder.layer.0.output.dense",
         ] {
-            assert!(feed_forward.matches(path), "{path}");
+            assert!(feed_forward.matches(path).unwrap(), "{path}");
         }
         for path in [
             "bert.encoder.layer.0.attention.output.dense",
             "output",
             "lm_head",
         ] {
-            assert!(!feed_forward.matches(path), "{path}");
+            assert!(!feed_forward.matches(path).unwrap(), "{path}");
         }
         let gpt2 = Targets::gpt2_attention();
-        assert!(gpt2.matches("transformer.h.3.attn.c_attn"));
-        assert!(gpt2.matches("transformer.h.3.attn.c_proj"));
-        assert!(!gpt2.matches("transformer.h.3.mlp.c_proj"));
+        assert!(gpt2.matches("transformer.h.3.attn.c_attn").unwrap());
+        assert!(gpt2.matches("transformer.h.3.attn.c_proj").unwrap());
+        assert!(!gpt2.matches("transformer.h.3.mlp.c_proj").unwrap());
         let mlp = Targets::gpt2_feed_forward();
-        assert!(mlp.matches("transformer.h.3.mlp.c_fc"));
-        assert!(mlp.matches("transformer.h.3.mlp.c_proj"));
-        assert!(!mlp.matches("transformer.h.3.attn.c_proj"));
+        assert!(mlp.matches("transformer.h.3.mlp.c_fc").unwrap());
+        assert!(mlp.matches("transformer.h.3.mlp.c_proj").unwrap());
+        assert!(!mlp.matches("transformer.h.3.attn.c_proj").unwrap());
         // `all-linear` leaves the output head out, wherever the model puts it.
         let all = Targets::all_linear();
         for path in ["lm_head", "model.lm_head", "output", "classifier", "score"] {
-            assert!(!all.matches(path), "{path}");
+            assert!(!all.matches(path).unwrap(), "{path}");
         }
         for path in [
             "layers.0.attention.output",
             "blocks.0.output",
             "pooler.dense",
         ] {
-            assert!(all.matches(path), "{path}");
+            assert!(all.matches(path).unwrap(), "{path}");
         }
     }
 

@@ -291,6 +291,19 @@ pub(crate) fn combine(
             )
         })
         .collect();
+    // A source that diverged in training (NaN or Inf) makes every combination non-finite, and
+    // the SVD forms would not converge on it.
+    let finite =
+        |m: &Mat<f64>| (0..m.ncols()).all(|j| (0..m.nrows()).all(|i| m[(i, j)].is_finite()));
+    if factors
+        .iter()
+        .any(|(a, b, c)| !c.is_finite() || !finite(a) || !finite(b))
+    {
+        return Err(LoraError::NonFiniteCombination {
+            path: path.to_string(),
+            adapter: name.to_string(),
+        });
+    }
     let (exact_a, exact_b) = linalg::exact_factors(&factors);
     let (d_in, d_out) = (exact_a.nrows(), exact_b.ncols());
     let check_rank = |rank: usize| match rank > d_in.min(d_out) {
