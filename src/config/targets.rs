@@ -81,25 +81,28 @@ impl Target {
 /// ```
 /// use burn_lora::{Target, Targets};
 ///
+/// # fn main() -> Result<(), burn_lora::LoraError> {
 /// let attention = Targets::attention(); // Q, K, V and O, in Burn's and Hugging Face's names
-/// assert!(attention.matches("encoder.layers.0.mha.value"));
+/// assert!(attention.matches("encoder.layers.0.mha.value")?);
 ///
 /// let qv = Targets::names(["q_proj", "v_proj"]);
-/// assert!(qv.matches("model.layers.0.self_attn.q_proj"));
-/// assert!(!qv.matches("model.layers.0.self_attn.k_proj"));
+/// assert!(qv.matches("model.layers.0.self_attn.q_proj")?);
+/// assert!(!qv.matches("model.layers.0.self_attn.k_proj")?);
 ///
 /// // The first two layers only, every linear layer but the output head.
 /// let early = Targets::all_linear()
 ///     .excluding(["lm_head"])
 ///     .with_layers_to_transform(Some(vec![0, 1]))
 ///     .with_layers_pattern(Some(vec!["layers".into()]));
-/// assert!(early.matches("layers.1.mlp.fc1"));
-/// assert!(!early.matches("layers.2.mlp.fc1"));
-/// assert!(!early.matches("lm_head"));
+/// assert!(early.matches("layers.1.mlp.fc1")?);
+/// assert!(!early.matches("layers.2.mlp.fc1")?);
+/// assert!(!early.matches("lm_head")?);
 ///
 /// let regex = Targets::new(vec![Target::Regex(r"layers\.[0-3]\.attn\.(query|value)".into())]);
-/// assert!(regex.matches("layers.3.attn.value"));
-/// assert!(!regex.matches("layers.4.attn.value"));
+/// assert!(regex.matches("layers.3.attn.value")?);
+/// assert!(!regex.matches("layers.4.attn.value")?);
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Config, Debug, PartialEq)]
 pub struct Targets {
