@@ -208,26 +208,24 @@ impl Combination {
     /// [`LoraError::InvalidDensity`] for a density outside `[0, 1]` (DARE: `(0, 1]`), and
     /// [`LoraError::ZeroRank`] for a truncation to rank 0.
     pub fn validate(&self) -> Result<(), LoraError> {
+        let rule = self.rule();
         let svd_rank = match self {
             Self::Svd { rank } => Some(*rank),
-            _ => self.rule().and_then(|rule| rule.svd_rank),
+            _ => rule.as_ref().and_then(|rule| rule.svd_rank),
         };
         if svd_rank == Some(0) {
             return Err(LoraError::ZeroRank);
         }
-        let valid = match self.rule().map(|rule| rule.pruning) {
-            None | Some(Pruning::Keep) => true,
-            Some(Pruning::Magnitude(density)) => (0.0..=1.0).contains(&density),
-            Some(Pruning::Random(density)) => density > 0.0 && density <= 1.0,
+        let (density, valid) = match rule.map(|rule| rule.pruning) {
+            Some(Pruning::Magnitude(density)) => (density, (0.0..=1.0).contains(&density)),
+            Some(Pruning::Random(density)) => (density, density > 0.0 && density <= 1.0),
+            None | Some(Pruning::Keep) => return Ok(()),
         };
         match valid {
             true => Ok(()),
             false => Err(LoraError::InvalidDensity {
                 combination: self.peft_name(),
-                density: match self.rule().map(|rule| rule.pruning) {
-                    Some(Pruning::Magnitude(d)) | Some(Pruning::Random(d)) => d,
-                    _ => f64::NAN,
-                },
+                density,
             }),
         }
     }
@@ -264,7 +262,8 @@ impl CombineReport {
 }
 
 /// The combined adapter for one weight's `state`, or `None` when it holds none of the sources.
-/// The new adapter has scale 1 (`alpha = rank`, no rsLoRA), inactive and frozen.
+/// The new adapter has scale 1 (`alpha = rank`, no rsLoRA), inactive and frozen. The caller has
+/// checked `combination` ([`Combination::validate`]).
 pub(crate) fn combine(
     path: &str,
     state: &LoraState,
@@ -272,7 +271,6 @@ pub(crate) fn combine(
     name: &str,
     combination: Combination,
 ) -> Result<Option<(Adapter, CombinedLayer)>, LoraError> {
-    combination.validate()?;
     // (adapter, user weight), for the sources this layer holds.
     let present: Vec<(&Adapter, f64)> = sources
         .iter()
