@@ -7,81 +7,16 @@
 //! python3 benches/ratios.py                     # the ratios, as in docs/benchmarks.md
 //! ```
 
+#[path = "support/layer.rs"]
+mod layer;
 #[path = "support/timing.rs"]
 mod timing;
 
-use burn::module::{Lora, Module};
-use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn_lora::{LoraConfig, LoraLinear, LoraModule, Targets};
+use burn_lora::LoraModule;
 use criterion::{Criterion, criterion_group, criterion_main};
-
-/// `(batch, seq, d_model, rank)`: the shapes the issue asks for.
-const SHAPES: [(usize, usize, usize, usize); 2] = [(32, 128, 1024, 8), (4, 128, 4096, 16)];
-
-#[derive(Module, Debug)]
-struct Fast {
-    layer: LoraLinear,
-}
-
-#[derive(Module, Debug)]
-struct Plain {
-    layer: Linear,
-}
-
-trait Layer: Module {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
-}
-
-impl Layer for Fast {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.layer.forward(x)
-    }
-}
-
-impl Layer for Plain {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.layer.forward(x)
-    }
-}
-
-fn lora_config(rank: usize) -> LoraConfig {
-    LoraConfig::new(rank)
-        .with_alpha(Some(2.0 * rank as f64))
-        .with_targets(Targets::names(["layer"]))
-}
-
-fn base(d_model: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_model, d_model).init(device)
-}
-
-fn lora(d_model: usize, rank: usize, device: &Device) -> Fast {
-    let (model, _) = lora_config(rank)
-        .apply(Fast {
-            layer: base(d_model, device).into(),
-        })
-        .expect("valid config");
-    model
-}
-
-/// `nn::Linear` carrying our adapter: dense composition through `Param::val()`.
-fn dense(d_model: usize, rank: usize, device: &Device) -> Plain {
-    let (model, _) = lora_config(rank)
-        .apply(Plain {
-            layer: base(d_model, device),
-        })
-        .expect("valid config");
-    model
-}
-
-/// `nn::Linear` with Burn 0.22's built-in `apply_lora`.
-fn burn_apply_lora(d_model: usize, rank: usize, device: &Device) -> Plain {
-    Plain {
-        layer: base(d_model, device),
-    }
-    .apply_lora(Lora::new(rank, 2.0 * rank as f64))
-}
+use layer::{Composed, Layer, Plain, SHAPES, base, burn_apply_lora, dense, lora};
 
 use timing::Group;
 
@@ -103,7 +38,11 @@ fn forward(c: &mut Criterion) {
         let merged = unmerged.merge_lora().expect("finite");
         time_forward(group, "plain", plain, &x);
         time_forward(group, "merged", merged, &x);
+        let composed = Composed {
+            layer: unmerged.layer.clone(),
+        };
         time_forward(group, "unmerged", unmerged, &x);
+        time_forward(group, "unmerged_composed", composed, &x);
         time_forward(group, "dense", dense(d_model, rank, &device), &x);
         time_forward(
             group,
@@ -134,7 +73,12 @@ fn train_step(c: &mut Criterion) {
             layer: base(d_model, &device),
         };
         time_train_step(group, "full_finetune", full, &x);
-        time_train_step(group, "lora", lora(d_model, rank, &device), &x);
+        let adapted = lora(d_model, rank, &device);
+        let composed = Composed {
+            layer: adapted.layer.clone(),
+        };
+        time_train_step(group, "lora", adapted, &x);
+        time_train_step(group, "lora_composed", composed, &x);
         time_train_step(group, "dense", dense(d_model, rank, &device), &x);
         let burn = burn_apply_lora(d_model, rank, &device);
         time_train_step(group, "burn_apply_lora", burn, &x);

@@ -4,7 +4,8 @@
 Runs `examples/peak_memory.rs` once per variant (build it first with
 `cargo build --release --example peak_memory`) and prints a markdown table of peak RSS with the
 ratio against the variant's baseline: full fine-tuning for training, the plain model for
-inference; DoRA and QLoRA against f32 LoRA. The LoRA training target is a ratio of at most 0.6.
+inference; DoRA and QLoRA against f32 LoRA. The LoRA training target is a ratio of at most 0.6,
+and so is 4-bit QLoRA's against f32 LoRA's.
 """
 import os
 import subprocess
@@ -21,11 +22,13 @@ ROWS = [
     ("burn_apply_lora_train", "full_finetune_train", None),
     ("dora_train", "lora_train", None),
     ("qlora_train", "lora_train", None),
+    ("qlora4_train", "lora_train", 0.6),
     ("plain_forward", "plain_forward", None),
     ("merged_forward", "plain_forward", None),
     ("unmerged_forward", "plain_forward", None),
     ("burn_apply_lora_forward", "plain_forward", None),
     ("qlora_forward", "unmerged_forward", None),
+    ("qlora4_forward", "unmerged_forward", None),
 ]
 
 

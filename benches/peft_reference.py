@@ -4,10 +4,14 @@
     python3 -m venv /tmp/peftenv && /tmp/peftenv/bin/pip install torch peft
     /tmp/peftenv/bin/python benches/peft_reference.py            # times, as markdown
     /tmp/peftenv/bin/python benches/peft_reference.py --compare  # and burn-lora / PEFT ratios
+    /tmp/peftenv/bin/python benches/peft_reference.py --compare --paired  # against `benches/paired.rs`
 
 Threads equal the machine's cores, f32, eval mode for forwards. `--compare` reads the means of
 the last `cargo bench` runs from $CARGO_TARGET_DIR/criterion (default target/criterion), so run
-burn-lora's benches on the same machine just before, with the machine otherwise idle.
+burn-lora's benches on the same machine just before, with the machine otherwise idle. With
+`--paired` it reads the medians `cargo bench --bench paired` wrote to
+$CARGO_TARGET_DIR/paired.json instead, and skips the merge and mixed-batch rows (which that
+bench does not time).
 Every time is the mean of repeated calls after warm-up calls, in milliseconds.
 """
 import json
@@ -213,10 +217,19 @@ def criterion_ms(group, variant):
     return json.loads(path.read_text())["mean"]["point_estimate"] / 1e6
 
 
+def paired_ms(group, variant):
+    target = Path(os.environ.get("CARGO_TARGET_DIR", "target")) / "paired.json"
+    if not target.exists():
+        return None
+    return json.loads(target.read_text()).get(group, {}).get(variant)
+
+
 def main():
     compare = "--compare" in sys.argv
+    paired = "--paired" in sys.argv
+    ours_ms = paired_ms if paired else criterion_ms
     print(f"torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads")
-    rows = layer_rows() + merge_rows() + mixed_rows() + stack_rows()
+    rows = layer_rows() + stack_rows() if paired else layer_rows() + merge_rows() + mixed_rows() + stack_rows()
     if compare:
         print("| group | variant | PEFT (ms) | burn-lora (ms) | burn-lora / PEFT |")
         print("|---|---|---:|---:|---:|")
@@ -227,7 +240,7 @@ def main():
         if not compare:
             print(f"| {group} | {variant} | {ms:.2f} |")
             continue
-        ours = criterion_ms(group, variant)
+        ours = ours_ms(group, variant)
         ours_text = "" if ours is None else f"{ours:.2f}"
         ratio = "" if ours is None else f"{ours / ms:.2f}"
         print(f"| {group} | {variant} | {ms:.2f} | {ours_text} | {ratio} |")

@@ -37,6 +37,7 @@ fn forward(c: &mut Criterion) {
     time_forward(&mut group, "unmerged", stack::lora(&device), &x);
     time_forward(&mut group, "dora_unmerged", stack::dora(&device), &x);
     time_forward(&mut group, "qlora_unmerged", stack::qlora(&device), &x);
+    time_forward(&mut group, "qlora4_unmerged", stack::qlora4(&device), &x);
     time_forward(
         &mut group,
         "burn_apply_lora",
@@ -54,6 +55,7 @@ fn train_step(c: &mut Criterion) {
     time_train_step(&mut group, "lora", stack::lora(&device), &x);
     time_train_step(&mut group, "dora", stack::dora(&device), &x);
     time_train_step(&mut group, "qlora", stack::qlora(&device), &x);
+    time_train_step(&mut group, "qlora4", stack::qlora4(&device), &x);
     time_train_step(
         &mut group,
         "burn_apply_lora",

@@ -6,8 +6,9 @@
 //! ```
 //!
 //! Variants: `full_finetune_train`, `lora_train`, `burn_apply_lora_train`, `dora_train`,
-//! `qlora_train` (5 AdamW steps each), `plain_forward`, `merged_forward`, `unmerged_forward`,
-//! `burn_apply_lora_forward`, `qlora_forward` (5 forwards each). Prints the process's peak resident set (`VmHWM`, Linux) in MiB.
+//! `qlora_train`, `qlora4_train` (5 AdamW steps each), `plain_forward`, `merged_forward`,
+//! `unmerged_forward`, `burn_apply_lora_forward`, `qlora_forward`, `qlora4_forward` (5 forwards
+//! each). QLoRA's bases are 8-bit (`qlora`) and 4-bit (`qlora4`). Prints the process's peak resident set (`VmHWM`, Linux) in MiB.
 
 #[path = "../benches/support/stack.rs"]
 mod stack;
@@ -61,7 +62,12 @@ fn main() {
             let x = stack::input(&training);
             stack::train(stack::qlora(&training), &x, STEPS);
         }
+        "qlora4_train" => {
+            let x = stack::input(&training);
+            stack::train(stack::qlora4(&training), &x, STEPS);
+        }
         "qlora_forward" => forward(stack::qlora(&inference), &stack::input(&inference)),
+        "qlora4_forward" => forward(stack::qlora4(&inference), &stack::input(&inference)),
         "plain_forward" => forward(stack::plain(&inference), &stack::input(&inference)),
         "merged_forward" => forward(stack::merged(&inference), &stack::input(&inference)),
         "unmerged_forward" => forward(stack::lora(&inference), &stack::input(&inference)),

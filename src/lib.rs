@@ -76,7 +76,7 @@
 //! ## Layout
 //!
 //! The modules are layers, and each imports only from the ones below it: `error` (the error
-//! type) → `config` (what the user asks for, as data) → `adapter` (one adapted weight: its
+//! type) and [`ops`] (the fused LoRA linear, a Burn backend extension) → `config` (what the user asks for, as data) → `adapter` (one adapted weight: its
 //! factors and math) → `layers` ([`LoraLinear`], mixed batches, [`nn`]) → `model` (whole-model
 //! operations: [`LoraModule`]) → `variants` (LoRA+, QLoRA) and [`peft`] (the file format) →
 //! [`store`] (Hugging Face checkpoints through `burn::store`) and `train` (burn-train's
@@ -86,13 +86,16 @@
 //!
 //! burn-lora runs on every Burn device. Its Cargo features pick the backends compiled in:
 //! `flex` (default, CPU), `ndarray` (CPU, deprecated upstream) and `wgpu` (GPU, or Mesa's
-//! lavapipe on CPU). `Device::default()` picks one, and `BURN_DEVICE` overrides it.
+//! lavapipe on CPU). `Device::default()` picks one, and `BURN_DEVICE` overrides it. On flex,
+//! [`LoraLinear`] runs the fused operation of [`ops::lora_linear`]: one output buffer forward,
+//! a hand-written backward; other backends compose the same formula from Burn's operations.
 
 mod adapter;
 mod config;
 mod error;
 mod layers;
 mod model;
+pub mod ops;
 pub mod peft;
 pub mod store;
 #[cfg(feature = "train")]

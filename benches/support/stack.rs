@@ -77,11 +77,20 @@ pub fn dora(device: &Device) -> TransformerEncoder {
 /// QLoRA: every linear weight of the stack quantized to 8-bit symmetric integers (one f32
 /// scale per block of 32 values), then rank-8 f32 adapters on Q/K/V/O.
 pub fn qlora(device: &Device) -> TransformerEncoder {
+    qlora_with(device, QuantValue::Q8S)
+}
+
+/// QLoRA over a 4-bit base (symmetric integers, one f32 scale per block of 32 values).
+pub fn qlora4(device: &Device) -> TransformerEncoder {
+    qlora_with(device, QuantValue::Q4S)
+}
+
+fn qlora_with(device: &Device, value: QuantValue) -> TransformerEncoder {
     let scheme = device
         .settings()
         .quantization
         .scheme
-        .with_value(QuantValue::Q8S)
+        .with_value(value)
         .per_block([32], ScaleDtype::F32);
     let quantized = quantize_base(
         TransformerEncoder::from(plain(device)),

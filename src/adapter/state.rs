@@ -19,6 +19,7 @@ use super::layout::{float_dtype, from_factor_layout, to_f32, to_factor_layout};
 use super::saved::SavedCopy;
 use super::weights::Adapter;
 use crate::LoraError;
+use crate::ops;
 
 /// The adapters attached to one weight, as Burn's [`Reparameterization`].
 ///
@@ -146,8 +147,14 @@ impl LoraState {
             None => weight,
         };
         if !self.contributing().any(Adapter::is_dora) {
-            let output = linear(input.clone(), weight, bias);
-            return self.contributing().fold(output, |output, adapter| {
+            // The first adapter shares the base's output buffer (the fused operation); any
+            // further one adds its own.
+            let mut adapters = self.contributing();
+            let output = match adapters.next() {
+                Some(first) => first.linear_output(input.clone(), weight, bias),
+                None => ops::linear(input.clone(), weight, bias),
+            };
+            return adapters.fold(output, |output, adapter| {
                 output + adapter.forward(input.clone())
             });
         }

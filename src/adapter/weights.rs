@@ -14,6 +14,7 @@ use super::dora;
 use super::layout::{float_dtype, to_f32};
 use crate::LoraError;
 use crate::config::scaling::alpha_for_scale;
+use crate::ops;
 
 /// The name of the adapter that [`LoraConfig::apply`](crate::LoraConfig::apply) attaches.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -160,6 +161,19 @@ impl Adapter {
     /// The scale multiplies the `[..., rank]` intermediate, the smallest tensor on the path.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         self.low_rank_output(self.dropout.forward(input))
+    }
+
+    /// `x·W + b + s·(dropout(x)·A)·B`: a linear layer's output with this adapter, through the
+    /// fused operation of [`ops::lora_linear`].
+    pub(crate) fn linear_output<const D: usize>(
+        &self,
+        input: Tensor<D>,
+        weight: Tensor<2>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<D> {
+        let dropped = (self.dropout.prob > 0.0).then(|| self.dropout.forward(input.clone()));
+        let (lora_a, lora_b) = (self.lora_a.val(), self.lora_b.val());
+        ops::lora_linear(input, dropped, weight, bias, lora_a, lora_b, self.scale)
     }
 
     /// `s·(x·A)·B`, the scale on the `[.., r]` intermediate.

@@ -3,11 +3,11 @@
 use burn::config::Config;
 use burn::module::{Content, DisplaySettings, Module, ModuleDisplay, Param};
 use burn::nn::{Initializer, Linear, LinearConfig, LinearLayout};
-use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor, assert_shape};
 
 use super::mixed::MixedBatch;
 use crate::adapter::LoraState;
+use crate::ops;
 
 /// Configuration to create a [`LoraLinear`] layer with [`init`](LoraLinearConfig::init).
 ///
@@ -99,7 +99,7 @@ impl LoraLinear {
             let weight = self.weight.val();
             let [d_input, _] = weight.dims();
             assert_shape!(input, [.., d_input]);
-            return linear(input, weight, bias);
+            return ops::linear(input, weight, bias);
         };
         let weight = self.weight.base();
         let [d_input, _] = weight.dims();

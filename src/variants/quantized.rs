@@ -3,8 +3,12 @@
 //! [`quantize_base`] stores the weights of the base's linear layers in one of Burn's QFloat
 //! dtypes (8-bit, 4-bit...); biases, norms, embeddings and the adapter factors stay in float.
 //! Nothing else changes: [`LoraLinear`](crate::LoraLinear) multiplies by the quantized weight
-//! (Burn dequantizes it inside the matmul) and adds the low-rank path, and gradients reach only
-//! the adapters, as in QLoRA (Dettmers et al. 2023).
+//! and adds the low-rank path, and gradients reach only the adapters, as in QLoRA (Dettmers et
+//! al. 2023). On flex the product goes through [`ops::lora_linear`](crate::ops::lora_linear)
+//! (and [`ops::linear`](crate::ops::linear) for base layers without an adapter): the weight is
+//! dequantized one cache-sized panel at a time inside the matmul, forward and again in the
+//! backward, so no float copy of it is made or kept. Other backends dequantize the whole weight
+//! inside Burn's matmul.
 //!
 //! Merging into a quantized weight is where PEFT users get bitten: folding `s·A·B` into 4-bit
 //! weights and rounding again changes the outputs. So merging here always dequantizes, merges

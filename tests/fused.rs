@@ -1,0 +1,493 @@
+//! The fused LoRA linear (`burn_lora::ops::lora_linear`) against its reference composed from
+//! Burn's operations (`lora_linear_reference`) and a naive f64 formula: outputs and every
+//! gradient, with and without bias, dropout, autodiff, trainable base, on strided operands and
+//! on every backend and dtype (where the fused kernel does not run, the reference does).
+
+mod common;
+
+use burn::prelude::*;
+use burn::tensor::{DType, Distribution, TensorData, Tolerance};
+use burn_lora::ops::{lora_linear, lora_linear_reference};
+
+/// Fused against reference, f32: both sum the same products in different orders.
+const TOLERANCE: f32 = 1e-5;
+
+struct Operands {
+    input: Tensor<3>,
+    mask: Option<Tensor<3>>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    lora_a: Tensor<2>,
+    lora_b: Tensor<2>,
+    scale: f64,
+    /// The loss is `sum(output · probe)`, so every output entry gets its own gradient.
+    probe: Tensor<3>,
+}
+
+fn operands(device: &Device, bias: bool, dropout: bool, d_in: usize, d_out: usize) -> Operands {
+    device.seed(7);
+    let normal = Distribution::Normal(0.0, 0.5);
+    let rank = 4;
+    Operands {
+        input: Tensor::random([2, 5, d_in], normal, device),
+        // A fixed dropout mask (keep 1/2, scaled by 2), so both paths drop the same entries.
+        mask: dropout.then(|| {
+            Tensor::<3>::random([2, 5, d_in], Distribution::Bernoulli(0.5), device).mul_scalar(2.0)
+        }),
+        weight: Tensor::random([d_in, d_out], normal, device),
+        bias: bias.then(|| Tensor::random([d_out], normal, device)),
+        lora_a: Tensor::random([d_in, rank], normal, device),
+        lora_b: Tensor::random([rank, d_out], normal, device),
+        scale: 1.75,
+        probe: Tensor::random([2, 5, d_out], Distribution::Normal(0.0, 1.0), device),
+    }
+}
+
+/// Which operands train.
+#[derive(Clone, Copy, Debug)]
+struct Tracked {
+    input: bool,
+    weight: bool,
+    bias: bool,
+}
+
+const ADAPTER_ONLY: Tracked = Tracked {
+    input: true,
+    weight: false,
+    bias: false,
+};
+
+const EVERYTHING: Tracked = Tracked {
+    input: true,
+    weight: true,
+    bias: true,
+};
+
+type Op = fn(
+    Tensor<3>,
+    Option<Tensor<3>>,
+    Tensor<2>,
+    Option<Tensor<1>>,
+    Tensor<2>,
+    Tensor<2>,
+    f64,
+) -> Tensor<3>;
+
+/// The output and the gradients of `sum(output · probe)` for x, W, b, A, B (those tracked).
+fn run(op: Op, operands: &Operands, tracked: Tracked) -> Vec<(&'static str, TensorData)> {
+    let training = operands.input.device().is_autodiff();
+    let autodiff = |tensor: Tensor<2>, train: bool| match train && training {
+        true => tensor.require_grad(),
+        false => tensor,
+    };
+    let input = match tracked.input && training {
+        true => operands.input.clone().require_grad(),
+        false => operands.input.clone(),
+    };
+    let weight = autodiff(operands.weight.clone(), tracked.weight);
+    let bias = operands
+        .bias
+        .clone()
+        .map(|bias| match tracked.bias && training {
+            true => bias.require_grad(),
+            false => bias,
+        });
+    let lora_a = autodiff(operands.lora_a.clone(), true);
+    let lora_b = autodiff(operands.lora_b.clone(), true);
+    let dropped = operands.mask.clone().map(|mask| input.clone() * mask);
+    let output = op(
+        input.clone(),
+        dropped,
+        weight.clone(),
+        bias.clone(),
+        lora_a.clone(),
+        lora_b.clone(),
+        operands.scale,
+    );
+    let mut results = vec![("output", output.clone().into_data())];
+    if !output.device().is_autodiff() {
+        return results;
+    }
+    let grads = (output * operands.probe.clone()).sum().backward();
+    results.push(("dA", lora_a.grad(&grads).unwrap().into_data()));
+    results.push(("dB", lora_b.grad(&grads).unwrap().into_data()));
+    if tracked.input {
+        results.push(("dx", input.grad(&grads).unwrap().into_data()));
+    }
+    if tracked.weight {
+        results.push(("dW", weight.grad(&grads).unwrap().into_data()));
+    }
+    if let (true, Some(bias)) = (tracked.bias, &bias) {
+        results.push(("db", bias.grad(&grads).unwrap().into_data()));
+    }
+    results
+}
+
+fn assert_same(label: &str, fused: &[(&str, TensorData)], reference: &[(&str, TensorData)]) {
+    assert_eq!(
+        fused.len(),
+        reference.len(),
+        "{label}: gradients differ in number"
+    );
+    for ((name, fused), (_, reference)) in fused.iter().zip(reference) {
+        assert_eq!(fused.shape(), reference.shape(), "{label}: {name}");
+        let max = reference
+            .iter::<f64>()
+            .fold(1.0f64, |max, value| max.max(value.abs()));
+        let error = fused
+            .iter::<f64>()
+            .zip(reference.iter::<f64>())
+            .fold(0.0f64, |worst, (a, b)| worst.max((a - b).abs()));
+        assert!(
+            error <= TOLERANCE as f64 * max,
+            "{label}: {name} differs by {error:e} (scale {max})"
+        );
+    }
+}
+
+fn compare(device: &Device, bias: bool, dropout: bool, tracked: Tracked) {
+    let operands = operands(device, bias, dropout, 24, 40);
+    let fused = run(lora_linear::<3>, &operands, tracked);
+    let reference = run(lora_linear_reference::<3>, &operands, tracked);
+    let label = format!("{device:?} bias={bias} dropout={dropout} {tracked:?}");
+    assert_same(&label, &fused, &reference);
+}
+
+#[test]
+fn fused_equals_reference_forward_and_backward_on_every_backend() {
+    for (_, device) in common::devices() {
+        for bias in [false, true] {
+            for dropout in [false, true] {
+                compare(&device, bias, dropout, ADAPTER_ONLY);
+                compare(&device.clone().autodiff(), bias, dropout, ADAPTER_ONLY);
+                compare(&device.clone().autodiff(), bias, dropout, EVERYTHING);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_equals_reference_when_only_the_adapter_trains() {
+    // The first layer of a model: its input needs no gradient.
+    let tracked = Tracked {
+        input: false,
+        weight: false,
+        bias: false,
+    };
+    for dropout in [false, true] {
+        compare(&Device::flex().autodiff(), true, dropout, tracked);
+    }
+}
+
+#[test]
+fn fused_output_equals_a_naive_f64_formula() {
+    let device = Device::flex();
+    let operands = operands(&device, true, false, 9, 6);
+    let output = lora_linear(
+        operands.input.clone(),
+        None,
+        operands.weight.clone(),
+        operands.bias.clone(),
+        operands.lora_a.clone(),
+        operands.lora_b.clone(),
+        operands.scale,
+    );
+    let read = |tensor: TensorData| tensor.iter::<f64>().collect::<Vec<_>>();
+    let (x, w, b) = (
+        read(operands.input.into_data()),
+        read(operands.weight.into_data()),
+        read(operands.bias.unwrap().into_data()),
+    );
+    let (a, bb) = (
+        read(operands.lora_a.into_data()),
+        read(operands.lora_b.into_data()),
+    );
+    let (d_in, d_out, rank) = (9, 6, 4);
+    let mut expected = Vec::new();
+    for row in x.chunks(d_in) {
+        for j in 0..d_out {
+            let mut value = b[j];
+            for k in 0..d_in {
+                value += row[k] * w[k * d_out + j];
+            }
+            for q in 0..rank {
+                let hidden: f64 = (0..d_in).map(|k| row[k] * a[k * rank + q]).sum();
+                value += operands.scale * hidden * bb[q * d_out + j];
+            }
+            expected.push(value as f32);
+        }
+    }
+    output.into_data().assert_approx_eq::<f32>(
+        &TensorData::new(expected, [2, 5, d_out]),
+        Tolerance::absolute(1e-5),
+    );
+}
+
+#[test]
+fn fused_reads_strided_operands_without_copying_them_first() {
+    // A transposed weight and factors (views with swapped strides), and a sliced input.
+    let device = Device::flex().autodiff();
+    let operands = operands(&device, true, false, 16, 12);
+    let wide = Tensor::<3>::random([2, 5, 32], Distribution::Normal(0.0, 0.5), &device);
+    let input = wide.slice([0..2, 0..5, 8..24]);
+    let weight_t = operands.weight.clone().transpose().into_data();
+    let weight = Tensor::<2>::from_data(weight_t, &device).transpose();
+    let a_t = Tensor::<2>::from_data(operands.lora_a.clone().transpose().into_data(), &device);
+    let b_t = Tensor::<2>::from_data(operands.lora_b.clone().transpose().into_data(), &device);
+    let (lora_a, lora_b) = (
+        a_t.transpose().require_grad(),
+        b_t.transpose().require_grad(),
+    );
+    let bias = operands.bias.clone();
+    let call = |op: Op| {
+        let output = op(
+            input.clone(),
+            None,
+            weight.clone(),
+            bias.clone(),
+            lora_a.clone(),
+            lora_b.clone(),
+            operands.scale,
+        );
+        let grads = output.clone().sum().backward();
+        vec![
+            ("output", output.into_data()),
+            ("dA", lora_a.grad(&grads).unwrap().into_data()),
+            ("dB", lora_b.grad(&grads).unwrap().into_data()),
+        ]
+    };
+    assert_same(
+        "strided",
+        &call(lora_linear::<3>),
+        &call(lora_linear_reference::<3>),
+    );
+}
+
+#[test]
+fn fused_serves_f64_and_leaves_half_precision_to_the_reference() {
+    for dtype in [DType::F64, DType::F16, DType::BF16] {
+        let device = Device::flex();
+        let operands = operands(&device, true, true, 8, 8);
+        let cast2 = |tensor: Tensor<2>| tensor.cast(dtype);
+        let args = || {
+            (
+                operands.input.clone().cast(dtype),
+                operands
+                    .mask
+                    .clone()
+                    .map(|mask| (operands.input.clone() * mask).cast(dtype)),
+                cast2(operands.weight.clone()),
+                operands.bias.clone().map(|bias| bias.cast(dtype)),
+                cast2(operands.lora_a.clone()),
+                cast2(operands.lora_b.clone()),
+            )
+        };
+        let (x, d, w, b, la, lb) = args();
+        let fused = lora_linear(x, d, w, b, la, lb, operands.scale);
+        let (x, d, w, b, la, lb) = args();
+        let reference = lora_linear_reference(x, d, w, b, la, lb, operands.scale);
+        assert_eq!(fused.dtype(), dtype);
+        let tolerance = match dtype {
+            DType::F64 => Tolerance::absolute(1e-10),
+            _ => Tolerance::absolute(1e-6), // the same path: identical
+        };
+        fused
+            .cast(DType::F64)
+            .into_data()
+            .assert_approx_eq::<f64>(&reference.cast(DType::F64).into_data(), tolerance);
+    }
+}
+
+#[test]
+fn an_empty_batch_gives_an_empty_output() {
+    let device = Device::flex().autodiff();
+    let operands = operands(&device, true, false, 8, 8);
+    let input = Tensor::<3>::zeros([0, 5, 8], &device);
+    let output = lora_linear(
+        input,
+        None,
+        operands.weight,
+        operands.bias,
+        operands.lora_a,
+        operands.lora_b,
+        operands.scale,
+    );
+    assert_eq!(output.dims(), [0, 5, 8]);
+}
+
+#[test]
+#[allow(deprecated)] // ndarray is deprecated upstream, and still tested here
+fn the_fused_kernel_serves_flex_in_f32_and_f64_only() {
+    use burn_lora::ops::fuses;
+    for device in [Device::flex(), Device::flex().autodiff()] {
+        assert!(fuses(&device, DType::F32) && fuses(&device, DType::F64));
+        assert!(!fuses(&device, DType::F16) && !fuses(&device, DType::BF16));
+    }
+    assert!(!fuses(&Device::ndarray(), DType::F32));
+    assert!(!fuses(&Device::ndarray().autodiff(), DType::F32));
+}
+
+#[test]
+fn on_flex_the_fused_kernel_is_what_runs() {
+    // Values from a fixed generator (not the device's, which concurrent tests share), so the
+    // outcome is the same on every run. The two paths sum in different orders, and at least
+    // one of 4096 outputs rounds differently, which shows a path other than the reference ran.
+    let device = Device::flex();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut values = |count: usize| -> Vec<f32> {
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let tensor = |values: Vec<f32>, shape: [usize; 2]| {
+        Tensor::<2>::from_data(TensorData::new(values, shape), &device)
+    };
+    let input = tensor(values(64 * 96), [64, 96]);
+    let weight = tensor(values(96 * 64), [96, 64]);
+    let bias = Tensor::<1>::from_data(TensorData::new(values(64), [64]), &device);
+    let (lora_a, lora_b) = (
+        tensor(values(96 * 8), [96, 8]),
+        tensor(values(8 * 64), [8, 64]),
+    );
+    let args = || {
+        (
+            input.clone(),
+            weight.clone(),
+            Some(bias.clone()),
+            lora_a.clone(),
+            lora_b.clone(),
+        )
+    };
+    let (x, w, b, a, bb) = args();
+    let fused = lora_linear(x, None, w, b, a, bb, 0.5).into_data();
+    let (x, w, b, a, bb) = args();
+    let reference = lora_linear_reference(x, None, w, b, a, bb, 0.5).into_data();
+    fused.assert_approx_eq::<f32>(&reference, Tolerance::absolute(1e-5));
+    assert_ne!(fused.as_bytes(), reference.as_bytes());
+}
+
+mod qlora {
+    //! A quantized base (QLoRA): the fused kernel dequantizes the weight panel by panel in the
+    //! forward and again in the backward, and keeps no float copy; it must equal Burn's path,
+    //! which dequantizes the whole weight.
+
+    use super::*;
+    use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
+
+    fn schemes(device: &Device) -> Vec<(&'static str, QuantScheme)> {
+        let default = device.settings().quantization.scheme;
+        vec![
+            (
+                "q8 per block of 32",
+                default
+                    .with_value(QuantValue::Q8S)
+                    .per_block([32], ScaleDtype::F32),
+            ),
+            (
+                "q4 per block of 16",
+                default
+                    .with_value(QuantValue::Q4S)
+                    .per_block([16], ScaleDtype::F32),
+            ),
+            (
+                "q8 per tensor",
+                default
+                    .with_value(QuantValue::Q8S)
+                    .per_tensor(ScaleDtype::F32),
+            ),
+        ]
+    }
+
+    fn compare_quantized(device: &Device, bias: bool, dropout: bool, tracked: Tracked) {
+        for (name, scheme) in schemes(device) {
+            // d_out = 1056 takes several panels of the kernel in the backward (d_in = 288).
+            let mut operands = operands(device, bias, dropout, 288, 1056);
+            operands.weight = operands.weight.clone().quantize_dynamic(&scheme);
+            assert!(matches!(operands.weight.dtype(), DType::QFloat(_)));
+            let fused = run(lora_linear::<3>, &operands, tracked);
+            let reference = run(lora_linear_reference::<3>, &operands, tracked);
+            let label = format!("{name} {device:?} bias={bias} dropout={dropout}");
+            assert_same(&label, &fused, &reference);
+        }
+    }
+
+    #[test]
+    fn quantized_fused_equals_burns_dequantized_path() {
+        let device = Device::flex();
+        for bias in [false, true] {
+            for dropout in [false, true] {
+                compare_quantized(&device, bias, dropout, ADAPTER_ONLY);
+                compare_quantized(&device.clone().autodiff(), bias, dropout, ADAPTER_ONLY);
+            }
+        }
+        // A bias that trains over a frozen quantized weight.
+        let tracked = Tracked {
+            input: true,
+            weight: false,
+            bias: true,
+        };
+        compare_quantized(&device.autodiff(), true, false, tracked);
+    }
+
+    #[test]
+    #[allow(deprecated)] // ndarray is deprecated upstream, and still tested here
+    fn other_backends_keep_burns_quantized_path() {
+        let device = Device::ndarray().autodiff();
+        let scheme = device
+            .settings()
+            .quantization
+            .scheme
+            .with_value(QuantValue::Q8S);
+        let mut operands = operands(&device, true, false, 32, 32);
+        operands.weight = operands.weight.clone().quantize_dynamic(&scheme);
+        let fused = run(lora_linear::<3>, &operands, ADAPTER_ONLY);
+        let reference = run(lora_linear_reference::<3>, &operands, ADAPTER_ONLY);
+        assert_same("ndarray", &fused, &reference);
+    }
+}
+
+mod quantized_linear {
+    //! A quantized base layer without an adapter (QLoRA's feed-forward layers): `ops::linear`
+    //! runs the tiled kernel and must equal Burn's `linear` over the same quantized weight.
+
+    use super::*;
+    use burn::tensor::module::linear;
+    use burn::tensor::quantization::{QuantValue, ScaleDtype};
+
+    #[test]
+    fn quantized_linear_equals_burns_linear_with_gradients() {
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            let scheme = device
+                .settings()
+                .quantization
+                .scheme
+                .with_value(QuantValue::Q4S)
+                .per_block([32], ScaleDtype::F32);
+            let operands = operands(&device, true, false, 96, 544);
+            let weight = operands.weight.clone().quantize_dynamic(&scheme);
+            let input = match device.is_autodiff() {
+                true => operands.input.clone().require_grad(),
+                false => operands.input.clone(),
+            };
+            let outputs = [
+                burn_lora::ops::linear(input.clone(), weight.clone(), operands.bias.clone()),
+                linear(input.clone(), weight.clone(), operands.bias.clone()),
+            ];
+            let mut results: Vec<Vec<(&str, TensorData)>> = Vec::new();
+            for output in outputs {
+                let mut result = vec![("output", output.clone().into_data())];
+                if device.is_autodiff() {
+                    let grads = (output * operands.probe.clone()).sum().backward();
+                    result.push(("dx", input.grad(&grads).unwrap().into_data()));
+                }
+                results.push(result);
+            }
+            assert_same(&format!("{device:?}"), &results[0], &results[1]);
+        }
+    }
+}
