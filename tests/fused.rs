@@ -123,14 +123,24 @@ fn run(op: Op, operands: &Operands, tracked: Tracked) -> Vec<(&'static str, Tens
     results
 }
 
-fn assert_same(label: &str, fused: &[(&str, TensorData)], reference: &[(&str, TensorData)]) {
-    assert_eq!(
-        fused.len(),
-        reference.len(),
-        "{label}: gradients differ in number"
-    );
+/// The first output or gradient where the fused path and the reference differ by more than
+/// the tolerance, as a message.
+fn difference(fused: &[(&str, TensorData)], reference: &[(&str, TensorData)]) -> Option<String> {
+    if fused.len() != reference.len() {
+        return Some(format!(
+            "{} results against {}",
+            fused.len(),
+            reference.len()
+        ));
+    }
     for ((name, fused), (_, reference)) in fused.iter().zip(reference) {
-        assert_eq!(fused.shape(), reference.shape(), "{label}: {name}");
+        if fused.shape() != reference.shape() {
+            return Some(format!(
+                "{name}: shape {:?} against {:?}",
+                fused.shape(),
+                reference.shape()
+            ));
+        }
         let max = reference
             .iter::<f64>()
             .fold(1.0f64, |max, value| max.max(value.abs()));
@@ -138,10 +148,16 @@ fn assert_same(label: &str, fused: &[(&str, TensorData)], reference: &[(&str, Te
             .iter::<f64>()
             .zip(reference.iter::<f64>())
             .fold(0.0f64, |worst, (a, b)| worst.max((a - b).abs()));
-        assert!(
-            error <= TOLERANCE as f64 * max,
-            "{label}: {name} differs by {error:e} (scale {max})"
-        );
+        if error > TOLERANCE as f64 * max || error.is_nan() {
+            return Some(format!("{name} differs by {error:e} (scale {max})"));
+        }
+    }
+    None
+}
+
+fn assert_same(label: &str, fused: &[(&str, TensorData)], reference: &[(&str, TensorData)]) {
+    if let Some(difference) = difference(fused, reference) {
+        panic!("{label}: {difference}");
     }
 }
 
@@ -489,5 +505,144 @@ mod quantized_linear {
             }
             assert_same(&format!("{device:?}"), &results[0], &results[1]);
         }
+    }
+}
+
+mod properties {
+    //! Random shapes, down to one row, one column and rank 1, with or without bias, dropout,
+    //! autodiff and a quantized base: the fused operation always equals the reference.
+
+    use super::*;
+    use burn::tensor::quantization::{QuantValue, ScaleDtype};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, RngSeed, TestCaseError, TestRunner};
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        rows: usize,
+        d_in: usize,
+        block: usize,
+        blocks: usize,
+        rank: usize,
+        bias: bool,
+        dropout: bool,
+        autodiff: bool,
+        quantized: Option<QuantValue>,
+        seed: u64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        let quantized = prop_oneof![
+            Just(None),
+            Just(Some(QuantValue::Q8S)),
+            Just(Some(QuantValue::Q4S))
+        ];
+        (
+            (1usize..=12, 1usize..=40, 1usize..=8, 1usize..=9, 1usize..=9),
+            (
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                quantized,
+                any::<u64>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (rows, d_in, block, blocks, rank),
+                    (bias, dropout, autodiff, quantized, seed),
+                )| {
+                    Case {
+                        rows,
+                        d_in,
+                        block,
+                        blocks,
+                        rank,
+                        bias,
+                        dropout,
+                        autodiff,
+                        quantized,
+                        seed,
+                    }
+                },
+            )
+    }
+
+    fn check(case: &Case) -> Result<(), TestCaseError> {
+        let device = match case.autodiff {
+            true => Device::flex().autodiff(),
+            false => Device::flex(),
+        };
+        // A generator of the case's own, not the device's (concurrent tests share that one).
+        let mut state = case.seed | 1;
+        let mut values = |count: usize| -> Vec<f32> {
+            (0..count)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        let d_out = case.block * case.blocks;
+        let (rows, d_in, rank) = (case.rows, case.d_in, case.rank);
+        let matrix = |values: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<2>::from_data(TensorData::new(values, shape), &device)
+        };
+        let mut weight = matrix(values(d_in * d_out), [d_in, d_out]);
+        if let Some(value) = case.quantized {
+            let scheme = device
+                .settings()
+                .quantization
+                .scheme
+                .with_value(value)
+                .per_block([case.block as u8], ScaleDtype::F32);
+            weight = weight.quantize_dynamic(&scheme);
+        }
+        let operands = Operands {
+            input: Tensor::from_data(
+                TensorData::new(values(rows * d_in), [1, rows, d_in]),
+                &device,
+            ),
+            mask: case.dropout.then(|| {
+                let keep: Vec<f32> = values(rows * d_in)
+                    .into_iter()
+                    .map(|value| if value > 0.0 { 2.0 } else { 0.0 })
+                    .collect();
+                Tensor::from_data(TensorData::new(keep, [1, rows, d_in]), &device)
+            }),
+            weight,
+            bias: case
+                .bias
+                .then(|| Tensor::from_data(TensorData::new(values(d_out), [d_out]), &device)),
+            lora_a: matrix(values(d_in * rank), [d_in, rank]),
+            lora_b: matrix(values(rank * d_out), [rank, d_out]),
+            scale: 0.75,
+            probe: Tensor::from_data(
+                TensorData::new(values(rows * d_out), [1, rows, d_out]),
+                &device,
+            ),
+        };
+        let fused = run(lora_linear::<3>, &operands, ADAPTER_ONLY);
+        let reference = run(lora_linear_reference::<3>, &operands, ADAPTER_ONLY);
+        match difference(&fused, &reference) {
+            None => Ok(()),
+            Some(difference) => Err(TestCaseError::fail(format!("{difference}: {case:?}"))),
+        }
+    }
+
+    #[test]
+    fn random_shapes_fused_equals_reference() {
+        let mut runner = TestRunner::new(Config {
+            cases: 96,
+            failure_persistence: None,
+            rng_algorithm: RngAlgorithm::ChaCha,
+            rng_seed: RngSeed::Fixed(0xF05E_D11A),
+            ..Config::default()
+        });
+        runner
+            .run(&case(), |case| check(&case))
+            .expect("every random case agrees");
     }
 }
