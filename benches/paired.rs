@@ -149,6 +149,10 @@ fn groups() -> Vec<Group> {
                 forward_run(stack::plain(&device), &x, encoder_forward),
             ),
             (
+                "merged",
+                forward_run(stack::merged(&device), &x, encoder_forward),
+            ),
+            (
                 "unmerged",
                 forward_run(stack::lora(&device), &x, encoder_forward),
             ),
