@@ -241,15 +241,20 @@ fn fused_output_equals_a_naive_f64_formula() {
 
 #[test]
 fn fused_reads_strided_operands_without_copying_them_first() {
+    for (_, device) in common::devices() {
+        strided_operands(&device.autodiff());
+    }
+}
+
+fn strided_operands(device: &Device) {
     // A transposed weight and factors (views with swapped strides), and a sliced input.
-    let device = Device::flex().autodiff();
-    let operands = operands(&device, true, false, 16, 12);
-    let wide = Tensor::<3>::random([2, 5, 32], Distribution::Normal(0.0, 0.5), &device);
+    let operands = operands(device, true, false, 16, 12);
+    let wide = Tensor::<3>::random([2, 5, 32], Distribution::Normal(0.0, 0.5), device);
     let input = wide.slice([0..2, 0..5, 8..24]);
     let weight_t = operands.weight.clone().transpose().into_data();
-    let weight = Tensor::<2>::from_data(weight_t, &device).transpose();
-    let a_t = Tensor::<2>::from_data(operands.lora_a.clone().transpose().into_data(), &device);
-    let b_t = Tensor::<2>::from_data(operands.lora_b.clone().transpose().into_data(), &device);
+    let weight = Tensor::<2>::from_data(weight_t, device).transpose();
+    let a_t = Tensor::<2>::from_data(operands.lora_a.clone().transpose().into_data(), device);
+    let b_t = Tensor::<2>::from_data(operands.lora_b.clone().transpose().into_data(), device);
     let (lora_a, lora_b) = (
         a_t.transpose().require_grad(),
         b_t.transpose().require_grad(),
@@ -273,7 +278,7 @@ fn fused_reads_strided_operands_without_copying_them_first() {
         ]
     };
     assert_same(
-        "strided",
+        &format!("strided {device:?}"),
         &call(lora_linear::<3>),
         &call(lora_linear_reference::<3>),
     );
@@ -343,12 +348,85 @@ fn the_fused_kernel_serves_flex_in_f32_and_f64_only() {
     assert!(!fuses(&Device::ndarray().autodiff(), DType::F32));
 }
 
+#[cfg(feature = "wgpu")]
+#[test]
+fn the_cubecl_kernel_serves_wgpu_in_f32_f16_and_bf16() {
+    use burn_lora::ops::fuses;
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    for device in [device.clone(), device.autodiff()] {
+        assert!(fuses(&device, DType::F32) && fuses(&device, DType::F16));
+        assert!(fuses(&device, DType::BF16) && !fuses(&device, DType::F64));
+    }
+}
+
+/// f16 on wgpu, where the kernel serves it (it sums the low-rank term in f32 and rounds once):
+/// values and gradients equal the reference's within f16's precision, and both are near the f32
+/// result on the same (f16-rounded) operands. The products are summed in f16 on some devices,
+/// so the bound against f32 is wider than against each other.
+#[cfg(feature = "wgpu")]
+#[test]
+fn half_precision_on_wgpu_is_close_to_f32() {
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    let operands = operands(&device, true, false, 24, 40);
+    // The operands rounded to f16 once, then computed in `dtype`.
+    let run_in = |op: Op, dtype: DType| {
+        let round = |tensor: Tensor<2>| tensor.cast(DType::F16).cast(dtype);
+        let leaf2 = |tensor: &Tensor<2>| round(tensor.clone()).detach().require_grad();
+        let input = operands.input.clone().cast(DType::F16).cast(dtype);
+        let input = input.detach().require_grad();
+        let (lora_a, lora_b) = (leaf2(&operands.lora_a), leaf2(&operands.lora_b));
+        let weight = leaf2(&operands.weight);
+        let bias = (operands.bias.clone()).map(|bias| bias.cast(DType::F16).cast(dtype));
+        let output = op(
+            input.clone(),
+            None,
+            weight,
+            bias,
+            lora_a.clone(),
+            lora_b.clone(),
+            operands.scale,
+        );
+        assert_eq!(output.dtype(), dtype);
+        let grads = output.clone().sum().backward();
+        let f32 = |tensor: Tensor<2>| tensor.cast(DType::F32).into_data();
+        let flat = |tensor: Tensor<3>| {
+            let width = tensor.dims()[2] as i64;
+            f32(tensor.reshape([-1, width]))
+        };
+        vec![
+            ("output", flat(output)),
+            ("dx", flat(input.grad(&grads).unwrap())),
+            ("dA", f32(lora_a.grad(&grads).unwrap())),
+            ("dB", f32(lora_b.grad(&grads).unwrap())),
+        ]
+    };
+    let exact = run_in(lora_linear_reference::<3>, DType::F32);
+    let fused = run_in(lora_linear::<3>, DType::F16);
+    let reference = run_in(lora_linear_reference::<3>, DType::F16);
+    assert_eq!(exact.len(), fused.len());
+    for (((name, fused), (_, reference)), (_, exact)) in fused.iter().zip(&reference).zip(&exact) {
+        println!("{name}");
+        fused.assert_approx_eq::<f32>(reference, Tolerance::rel_abs(1e-2, 1e-2));
+        fused.assert_approx_eq::<f32>(exact, Tolerance::rel_abs(2e-2, 2e-2));
+        reference.assert_approx_eq::<f32>(exact, Tolerance::rel_abs(2e-2, 2e-2));
+    }
+}
+
 #[test]
 fn on_flex_the_fused_kernel_is_what_runs() {
+    the_fused_kernel_is_what_runs(&Device::flex());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn on_wgpu_the_cubecl_kernel_is_what_runs() {
+    the_fused_kernel_is_what_runs(&Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
+}
+
+fn the_fused_kernel_is_what_runs(device: &Device) {
     // Values from a fixed generator (not the device's, which concurrent tests share), so the
     // outcome is the same on every run. The two paths sum in different orders, and at least
     // one of 4096 outputs rounds differently, which shows a path other than the reference ran.
-    let device = Device::flex();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut values = |count: usize| -> Vec<f32> {
         (0..count)
@@ -361,11 +439,11 @@ fn on_flex_the_fused_kernel_is_what_runs() {
             .collect()
     };
     let tensor = |values: Vec<f32>, shape: [usize; 2]| {
-        Tensor::<2>::from_data(TensorData::new(values, shape), &device)
+        Tensor::<2>::from_data(TensorData::new(values, shape), device)
     };
     let input = tensor(values(64 * 96), [64, 96]);
     let weight = tensor(values(96 * 64), [96, 64]);
-    let bias = Tensor::<1>::from_data(TensorData::new(values(64), [64]), &device);
+    let bias = Tensor::<1>::from_data(TensorData::new(values(64), [64]), device);
     let (lora_a, lora_b) = (
         tensor(values(96 * 8), [96, 8]),
         tensor(values(8 * 64), [8, 64]),
@@ -448,6 +526,18 @@ mod qlora {
             bias: true,
         };
         compare_quantized(&device.autodiff(), true, false, tracked);
+    }
+
+    /// On wgpu the base weight stays quantized in the autodiff state too, and is dequantized
+    /// where it is multiplied, forward and backward.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn quantized_on_wgpu_equals_burns_dequantized_path() {
+        let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        for dropout in [false, true] {
+            compare_quantized(&device, true, dropout, ADAPTER_ONLY);
+            compare_quantized(&device.clone().autodiff(), true, dropout, ADAPTER_ONLY);
+        }
     }
 
     #[test]

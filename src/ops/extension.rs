@@ -1,23 +1,29 @@
 //! The backend extension behind [`lora_linear`](super::lora_linear): the operation trait, its
 //! flex kernel and its autodiff step.
 
+#[cfg(feature = "flex")]
+use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
+#[cfg(feature = "flex")]
 use burn::backend::flex::{FlexQTensor, FlexTensor, Layout};
-use burn::backend::ops::{FloatTensorOps, QTensorOps};
+use burn::backend::ops::FloatTensorOps;
+#[cfg(feature = "flex")]
+use burn::backend::ops::QTensorOps;
+#[cfg(feature = "flex")]
 use burn::backend::quantization::global_scale_dtype;
 use burn::backend::tensor::{FloatTensor, QuantizedTensor};
 use burn::backend::{
-    Autodiff, Backend, Dispatch, DispatchDevice, ExtensionType, Flex, TensorMetadata,
-    backend_extension,
+    Autodiff, Backend, Dispatch, DispatchDevice, ExtensionType, TensorMetadata, backend_extension,
 };
 use burn::tensor::{DType, Shape, Tensor};
 
 /// An operand that may be absent (the bias, the dropped input), carried across the dispatch
 /// boundary.
 #[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "wgpu"))]
 pub enum Optional<B: Backend> {
     /// The tensor.
     Present(FloatTensor<B>),
@@ -26,7 +32,7 @@ pub enum Optional<B: Backend> {
 }
 
 impl<B: Backend> Optional<B> {
-    fn into_option(self) -> Option<FloatTensor<B>> {
+    pub(super) fn into_option(self) -> Option<FloatTensor<B>> {
         match self {
             Optional::Present(tensor) => Some(tensor),
             Optional::Absent => None,
@@ -44,14 +50,22 @@ impl<B: Backend> From<Option<FloatTensor<B>>> for Optional<B> {
 }
 
 /// The fused operations. Every method has a body composed from Burn's operations; flex
-/// overrides [`matmul_sum`](LoraOps::matmul_sum) with one `gemm` buffer, and autodiff
-/// overrides [`lora_linear`](LoraOps::lora_linear) with its own backward step.
-#[backend_extension(Flex, Autodiff)]
+/// overrides [`matmul_sum`](LoraOps::matmul_sum) with one `gemm` buffer, CubeCL (wgpu) with
+/// Burn's matrix product and one in-place kernel for the rest, and autodiff overrides
+/// [`lora_linear`](LoraOps::lora_linear) with its own backward step. Under Burn's kernel fusion
+/// `matmul_sum` is one lazy operation and the others are composed from it.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "wgpu"),
+    Fusion: cfg(feature = "wgpu"),
+    Autodiff
+)]
 pub trait LoraOps: Backend {
     /// `p·q + alpha·r·t (+ bias)` in one output buffer.
     ///
     /// Shapes: `p: [m, k1]`, `q: [k1, n]`, `r: [m, k2]`, `t: [k2, n]`, `bias: [n]`, output
     /// `[m, n]`.
+    #[fusion(dtype = p, shape = product_shape(p, q))]
     fn matmul_sum(
         p: FloatTensor<Self>,
         q: FloatTensor<Self>,
@@ -67,6 +81,7 @@ pub trait LoraOps: Backend {
     ///
     /// Shapes: `x, dropped: [m, d_in]`, `weight: [d_in, d_out]`, `bias: [d_out]`,
     /// `lora_a: [d_in, r]`, `lora_b: [r, d_out]`, output `[m, d_out]`.
+    #[fusion(default)]
     fn lora_linear(
         input: FloatTensor<Self>,
         #[extension_type] dropped: Optional<Self>,
@@ -83,6 +98,7 @@ pub trait LoraOps: Backend {
 
     /// [`matmul_sum`](LoraOps::matmul_sum) with a quantized `q` (`[k1, n]`), or its transpose
     /// when `transposed` (`q: [n, k1]`).
+    #[fusion(default)]
     fn quantized_matmul_sum(
         p: FloatTensor<Self>,
         q: QuantizedTensor<Self>,
@@ -101,6 +117,7 @@ pub trait LoraOps: Backend {
     }
 
     /// [`lora_linear`](LoraOps::lora_linear) over a quantized weight (QLoRA).
+    #[fusion(default)]
     fn quantized_lora_linear(
         input: FloatTensor<Self>,
         #[extension_type] dropped: Optional<Self>,
@@ -116,9 +133,15 @@ pub trait LoraOps: Backend {
     }
 }
 
+/// The shape of `p·q`, `[m, k]·[k, n]`.
+#[cfg(feature = "wgpu")]
+fn product_shape(p: &Shape, q: &Shape) -> Shape {
+    Shape::new([p[0], q[1]])
+}
+
 /// [`LoraOps::matmul_sum`] from Burn's operations: the reference, and the path for dtypes the
 /// flex kernel does not multiply.
-fn matmul_sum_composed<B: Backend>(
+pub(super) fn matmul_sum_composed<B: Backend>(
     p: FloatTensor<B>,
     q: FloatTensor<B>,
     r: FloatTensor<B>,
@@ -137,6 +160,7 @@ fn matmul_sum_composed<B: Backend>(
     }
 }
 
+#[cfg(feature = "flex")]
 impl LoraOps for Flex {
     fn matmul_sum(
         p: FlexTensor,
@@ -192,6 +216,7 @@ impl LoraOps for Flex {
 
 /// The flex kernels: the thin product and the bias go into the output buffer first, then the
 /// wide product accumulates into it inside `gemm`.
+#[cfg(feature = "flex")]
 mod kernel {
     use core::ops::Range;
 
@@ -796,6 +821,7 @@ fn record<B: LoraOps, C: CheckpointStrategy, const N: usize>(
 }
 
 /// Whether `device` is a flex device, with or without autodiff.
+#[cfg(feature = "flex")]
 pub(super) fn on_flex(device: &burn::tensor::Device) -> bool {
     matches!(
         device.clone().inner().as_dispatch(),
@@ -803,8 +829,20 @@ pub(super) fn on_flex(device: &burn::tensor::Device) -> bool {
     )
 }
 
-/// Whether [`lora_linear`] can run these operands: all on one flex device (with or without
-/// autodiff), all of one dtype the kernel multiplies, except the weight, which may also be
+/// Whether a fused kernel serves `dtype` on `device` (with or without autodiff): flex's in f32
+/// and f64, the CubeCL one (wgpu) in f32, f16 and bf16.
+pub(super) fn serves(device: &burn::tensor::Device, dtype: DType) -> bool {
+    match device.clone().inner().as_dispatch() {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => matches!(dtype, DType::F32 | DType::F64),
+        #[cfg(feature = "wgpu")]
+        DispatchDevice::Cube(_) => matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
+        _ => false,
+    }
+}
+
+/// Whether [`lora_linear`] can run these operands: all on one device a fused kernel serves (with
+/// or without autodiff), all of one dtype the kernel multiplies, except the weight, which may also be
 /// quantized (QLoRA) over f32 operands.
 pub(super) fn fusable<const D: usize>(
     input: &Tensor<D>,

@@ -14,11 +14,25 @@
 //!   separates `x_d` from `x`. No tensor of the weight's size exists unless the weight itself
 //!   trains, and `h` is kept from the forward pass.
 //!
-//! The fused kernel runs on flex (f32 and f64, contiguous or strided operands, `gemm`'s
-//! accumulate). Every other backend, dtype (f16, bf16, quantized) or device computes
-//! [`lora_linear_reference`], the same formula from Burn's operations; tests hold the two equal.
+//! Two kernels serve it:
+//!
+//! - **flex** (f32 and f64, contiguous or strided operands): `gemm`'s accumulate, as above. A
+//!   quantized weight (QLoRA) is dequantized one panel at a time inside the product, forward
+//!   and backward, and no float copy of it is kept.
+//! - **CubeCL** (the `wgpu` feature; f32, f16 and bf16): Burn's own matrix product writes
+//!   `x·W`, then one kernel adds `s·h·B` and the bias to it in place, with `r` products per
+//!   entry summed in f32. The output is
+//!   read and written once, and `h·B` never gets a buffer of its own. Under Burn's kernel fusion
+//!   the whole sum is one lazy operation. The backward is the same hand-written step as on flex.
+//!   A quantized weight stays quantized in the autodiff state and is dequantized where it is
+//!   multiplied.
+//!
+//! Every other backend, dtype (f16, bf16) or device computes [`lora_linear_reference`], the
+//! same formula from Burn's operations; tests hold the two equal on every backend.
 
-#[cfg(feature = "flex")]
+#[cfg(feature = "wgpu")]
+mod cube;
+#[cfg(any(feature = "flex", feature = "wgpu"))]
 mod extension;
 
 use burn::tensor::module;
@@ -29,8 +43,8 @@ use burn::tensor::{DType, Device, Tensor};
 /// Pass `None` when the adapter has no dropout: the input's gradient then comes out of one
 /// buffer.
 ///
-/// On flex with f32 or f64 operands this runs the fused operation described in the
-/// [module docs](self), forward and backward; elsewhere it computes
+/// Where [`fuses`] says so (flex in f32 or f64, wgpu in f32, f16 or bf16) this runs the fused operation
+/// described in the [module docs](self), forward and backward; elsewhere it computes
 /// [`lora_linear_reference`]. Both give the same values and gradients (within 1e-5 in the
 /// crate's tests).
 ///
@@ -63,7 +77,7 @@ pub fn lora_linear<const D: usize>(
         &lora_a,
         &lora_b,
     );
-    #[cfg(feature = "flex")]
+    #[cfg(any(feature = "flex", feature = "wgpu"))]
     if extension::fusable(
         &input,
         dropped.as_ref(),
@@ -98,7 +112,7 @@ pub fn linear<const D: usize>(
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if matches!(weight.dtype(), DType::QFloat(_)) {
+    if matches!(weight.dtype(), DType::QFloat(_)) && extension::on_flex(&weight.device()) {
         // A rank-0 adapter: the kernel's low-rank term vanishes.
         let [d_input, d_output] = weight.dims();
         let device = weight.device();
@@ -144,9 +158,10 @@ pub fn lora_linear_reference<const D: usize>(
     module::linear(input, weight, bias) + module::linear(hidden, lora_b, None)
 }
 
-/// Whether [`lora_linear`] runs the fused operation for operands of `dtype` on `device`: a
-/// flex device, with or without autodiff, and f32 or f64. Anything else (another backend,
-/// f16/bf16, a quantized weight) runs [`lora_linear_reference`].
+/// Whether [`lora_linear`] runs the fused operation for operands of `dtype` on `device`, with
+/// or without autodiff: a flex device in f32 or f64, or (with the `wgpu` feature) a CubeCL
+/// device in f32, f16 or bf16. Anything else (another backend, f16/bf16 on flex) runs
+/// [`lora_linear_reference`]. The weight may also be quantized (QLoRA) over f32 operands.
 ///
 /// ```
 /// use burn::tensor::{DType, Device};
@@ -155,9 +170,9 @@ pub fn lora_linear_reference<const D: usize>(
 /// assert!(!burn_lora::ops::fuses(&Device::flex(), DType::BF16));
 /// ```
 pub fn fuses(device: &Device, dtype: DType) -> bool {
-    #[cfg(feature = "flex")]
-    return extension::on_flex(device) && matches!(dtype, DType::F32 | DType::F64);
-    #[cfg(not(feature = "flex"))]
+    #[cfg(any(feature = "flex", feature = "wgpu"))]
+    return extension::serves(device, dtype);
+    #[cfg(not(any(feature = "flex", feature = "wgpu")))]
     {
         let _ = (device, dtype);
         false
