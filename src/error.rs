@@ -120,6 +120,19 @@ pub enum LoraError {
         adapter: String,
     },
 
+    /// An adapter with a bias on `B` (`lora_bias`) cannot be merged into a layer that has no
+    /// bias to hold it, as in PEFT. Nothing was merged; the adapter still computes unmerged.
+    #[error(
+        "cannot merge adapter `{adapter}` into `{path}`: it has a bias on B (lora_bias) and the \
+         layer has no bias; nothing was merged"
+    )]
+    NoBiasToMerge {
+        /// Module path of the layer.
+        path: String,
+        /// Name of the adapter.
+        adapter: String,
+    },
+
     /// A DoRA adapter is marked merged but the norms its merge divided by are gone (it was
     /// marked merged by hand, or the model was rebuilt from parts), so it cannot come back out.
     #[error(

@@ -19,13 +19,14 @@ use common::{devices, randomize, values};
 /// PEFT computes in f32 with another summation order; the bar.
 const TOLERANCE: f64 = 1e-5;
 
-const CASES: [&str; 6] = [
+const CASES: [&str; 7] = [
     "bias",
     "no_bias",
     "rslora",
     "rank_pattern",
     "half",
     "named_keys",
+    "lora_bias",
 ];
 
 fn options() -> LoadOptions {
@@ -218,6 +219,14 @@ fn writes_adapters_for_peft_to_verify() {
                 .with_targets(Targets::names(["query", "value", "up"])),
         ),
         (
+            "lora_bias_trained",
+            "bias",
+            LoraConfig::new(3)
+                .with_alpha(Some(5.0))
+                .with_lora_bias(true)
+                .with_targets(Targets::names(["query", "value", "out"])),
+        ),
+        (
             "pissa_converted",
             "no_bias",
             LoraConfig::new(2)
@@ -231,6 +240,7 @@ fn writes_adapters_for_peft_to_verify() {
         let (model, _) = config.apply(fixture.model).unwrap();
         let model = randomize(model, "lora_b", 0.2);
         let model = randomize(model, "magnitude", 1.0);
+        let model = randomize(model, "lora_bias", 0.3);
         let output = model.forward(fixture.input.clone());
 
         let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))

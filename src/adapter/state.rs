@@ -40,6 +40,10 @@ pub struct LoraState {
     /// flags: not a parameter, not in records. It costs one copy of the weight while merged;
     /// [`merge_and_unload_lora`](crate::LoraModule::merge_and_unload_lora) keeps none.
     pub merged_base: Option<Tensor<2>>,
+    /// While adapters with a bias on `B` are merged: the layer's bias as it was before the
+    /// merge, which unmerging restores bit for bit. A constant, like
+    /// [`merged_base`](Self::merged_base).
+    pub merged_bias: Option<Tensor<1>>,
     /// The adapters' own copies of this parameter, when its module is in `modules_to_save`
     /// (a classifier head): the active adapter's copy replaces the parameter in the forward
     /// pass. A parameter holds copies or low-rank adapters, never both.
@@ -85,6 +89,7 @@ impl LoraState {
             adapters,
             enabled: true,
             merged_base: None,
+            merged_bias: None,
             copies: Vec::new(),
         }
     }
@@ -178,6 +183,69 @@ impl LoraState {
                 };
         }
         output
+    }
+
+    /// The layer's bias with the biases of `B` of the adapters at `adapters` merged in
+    /// (`merge`: `b + Σ s·b_B`) or taken out (`!merge`); `None` when none of them has one.
+    /// Computed in f32 and cast back, refusing NaN or Inf in the bias's dtype; unmerging
+    /// restores the bias kept at the merge exactly.
+    ///
+    /// # Errors
+    ///
+    /// [`LoraError::NoBiasToMerge`] when an adapter has a bias on `B` and the layer has no
+    /// bias (`bias` is `None`), and [`LoraError::NonFiniteMerge`].
+    pub(crate) fn fold_into_bias(
+        &mut self,
+        path: &str,
+        bias: Option<Tensor<1>>,
+        adapters: &[usize],
+        merge: bool,
+    ) -> Result<Option<Tensor<1>>, LoraError> {
+        let with_bias: Vec<usize> = adapters
+            .iter()
+            .copied()
+            .filter(|&index| self.adapters[index].lora_bias.is_some())
+            .collect();
+        let Some(&first) = with_bias.first() else {
+            return Ok(None);
+        };
+        let Some(bias) = bias else {
+            return Err(LoraError::NoBiasToMerge {
+                path: path.to_string(),
+                adapter: self.adapters[first].name.clone(),
+            });
+        };
+        if !merge && let Some(original) = self.merged_bias.take() {
+            return Ok(Some(original));
+        }
+        let dtype = float_dtype(bias.dtype());
+        let mut sum = to_f32(bias.clone());
+        for &index in &with_bias {
+            let adapter = &self.adapters[index];
+            let term = adapter
+                .scaled_bias(burn::tensor::DType::F32)
+                .expect("filtered on a bias");
+            sum = match merge {
+                true => sum + term,
+                false => sum - term,
+            };
+            if !sum
+                .clone()
+                .cast(dtype)
+                .is_finite()
+                .all()
+                .into_scalar::<bool>()
+            {
+                return Err(LoraError::NonFiniteMerge {
+                    path: path.to_string(),
+                    adapter: adapter.name.clone(),
+                });
+            }
+        }
+        if merge && self.merged_bias.is_none() {
+            self.merged_bias = Some(bias);
+        }
+        Ok(Some(sum.cast(dtype)))
     }
 
     /// The base (factor layout `[d_in, d_out]`) with the adapters at `adapters` merged in

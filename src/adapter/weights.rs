@@ -31,6 +31,10 @@ pub struct Adapter {
     /// DoRA's magnitude `m`, one entry per output feature (`[d_out]`, PEFT's
     /// `lora_magnitude_vector`); `None` for plain LoRA. It trains with `A` and `B`.
     pub magnitude: Option<Param<Tensor<1>>>,
+    /// The bias of `B` (`[d_out]`, PEFT's `lora_B.bias` with `lora_bias = true`): the adapter
+    /// adds `scale · bias` to the layer's output, and a merge adds it to the layer's own bias.
+    /// It starts at zero and trains with `A` and `B`. `None` for plain LoRA.
+    pub lora_bias: Option<Param<Tensor<1>>>,
     /// The factor applied to `A·B`: `alpha / rank`, or `alpha / √rank` with rsLoRA.
     pub scale: f64,
     /// The alpha the scale came from, kept for reports and adapter files.
@@ -91,6 +95,7 @@ impl Adapter {
             lora_a: Param::from_tensor(lora_a),
             lora_b: Param::from_tensor(lora_b),
             magnitude: None,
+            lora_bias: None,
             scale,
             alpha,
             dropout: DropoutConfig::new(dropout).init(),
@@ -110,6 +115,20 @@ impl Adapter {
             magnitude: Some(Param::from_tensor(magnitude)),
             ..self
         }
+    }
+
+    /// The adapter with a bias on `B` (`[d_out]`, PEFT's `lora_bias`).
+    pub(crate) fn with_lora_bias(self, lora_bias: Tensor<1>) -> Self {
+        Self {
+            lora_bias: Some(Param::from_tensor(lora_bias)),
+            ..self
+        }
+    }
+
+    /// `scale · bias` of `B`, in `dtype`, when the adapter has one.
+    pub(crate) fn scaled_bias(&self, dtype: burn::tensor::DType) -> Option<Tensor<1>> {
+        let bias = self.lora_bias.as_ref()?.val();
+        Some(bias.mul_scalar(self.scale).cast(float_dtype(dtype)))
     }
 
     /// The adapter, remembering the factors its init took out of the base.
@@ -156,11 +175,17 @@ impl Adapter {
         a.mul_scalar(self.scale * factor).matmul(b)
     }
 
-    /// The adapter's contribution `scale · (dropout(x)·A)·B` for activations `x: [..., d_in]`.
+    /// The adapter's contribution `scale · ((dropout(x)·A)·B + b_B)` for activations
+    /// `x: [..., d_in]`, where `b_B` is the bias of `B` if it has one.
     ///
     /// The scale multiplies the `[..., rank]` intermediate, the smallest tensor on the path.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        self.low_rank_output(self.dropout.forward(input))
+        let dtype = input.dtype();
+        let output = self.low_rank_output(self.dropout.forward(input));
+        match self.scaled_bias(dtype) {
+            Some(bias) => output + bias.unsqueeze(),
+            None => output,
+        }
     }
 
     /// `x·W + b + s·(dropout(x)·A)·B`: a linear layer's output with this adapter, through the
@@ -173,6 +198,11 @@ impl Adapter {
     ) -> Tensor<D> {
         let dropped = (self.dropout.prob > 0.0).then(|| self.dropout.forward(input.clone()));
         let (lora_a, lora_b) = (self.lora_a.val(), self.lora_b.val());
+        // The bias of `B` joins the layer's: the fused operation adds both in one pass.
+        let bias = match (bias, self.scaled_bias(input.dtype())) {
+            (Some(bias), Some(extra)) => Some(bias + extra),
+            (bias, extra) => bias.or(extra),
+        };
         ops::lora_linear(input, dropped, weight, bias, lora_a, lora_b, self.scale)
     }
 
@@ -253,15 +283,14 @@ impl Adapter {
     }
 
     /// The number of values the adapter trains: `rank · (d_in + d_out)`, plus `d_out`
-    /// magnitudes for DoRA.
+    /// magnitudes for DoRA and `d_out` for a bias on `B`.
     pub fn num_params(&self) -> usize {
-        let magnitude = self
-            .magnitude
-            .as_ref()
-            .map_or(0, |m| m.lazy_shape().num_elements());
+        let vector =
+            |v: &Option<Param<Tensor<1>>>| v.as_ref().map_or(0, |v| v.lazy_shape().num_elements());
         self.lora_a.lazy_shape().num_elements()
             + self.lora_b.lazy_shape().num_elements()
-            + magnitude
+            + vector(&self.magnitude)
+            + vector(&self.lora_bias)
     }
 
     /// The adapter with `A`, `B` (and DoRA's magnitude) taking gradients or not.
@@ -270,6 +299,7 @@ impl Adapter {
             lora_a: self.lora_a.set_require_grad(trainable),
             lora_b: self.lora_b.set_require_grad(trainable),
             magnitude: self.magnitude.map(|m| m.set_require_grad(trainable)),
+            lora_bias: self.lora_bias.map(|b| b.set_require_grad(trainable)),
             trainable,
             ..self
         }
@@ -302,10 +332,17 @@ impl Adapter {
             }
             (mine, _) => mine,
         };
+        let lora_bias = match (self.lora_bias, other.lora_bias) {
+            (Some(mine), Some(theirs)) => {
+                Some(mine.map(|_| theirs.val()).set_require_grad(trainable))
+            }
+            (mine, _) => mine,
+        };
         Self {
             lora_a: self.lora_a.map(|_| lora_a).set_require_grad(trainable),
             lora_b: self.lora_b.map(|_| lora_b).set_require_grad(trainable),
             magnitude,
+            lora_bias,
             scale: other.scale,
             alpha: alpha_for_scale(other.scale, rank, other.use_rslora),
             use_rslora: other.use_rslora,

@@ -104,6 +104,11 @@ pub struct LoraConfig {
     /// ([`crate::Adapter::magnitude`]). Costs a weight-sized norm per forward.
     #[config(default = false)]
     pub use_dora: bool,
+    /// PEFT's `lora_bias`: give `B` a bias (`[d_out]`, starting at zero), added to the layer's
+    /// output as `scale · bias` and, in a merge, to the layer's own bias. For
+    /// [`LoraLinear`](crate::LoraLinear) layers (every `burn_lora::nn` block), not with DoRA.
+    #[config(default = false)]
+    pub lora_bias: bool,
     /// The modules that get adapters.
     #[config(default = "Targets::attention()")]
     pub targets: Targets,

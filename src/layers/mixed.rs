@@ -83,8 +83,8 @@ impl MixedBatch {
 
 impl LoraState {
     /// The output of a linear layer with stored weight `weight` and `bias` for a batch whose
-    /// samples each run through their own adapter: `x·W + b + sᵢ·(dropout(x)·Aᵢ)·Bᵢ` for
-    /// sample `i`, or `x·W + b` for a sample without adapter or whose adapter this layer lacks.
+    /// samples each run through their own adapter: `x·W + b + sᵢ·((dropout(x)·Aᵢ)·Bᵢ + b_Bᵢ)`
+    /// for sample `i` (`b_Bᵢ` the bias of `Bᵢ`, if it has one), or `x·W + b` for a sample without adapter or whose adapter this layer lacks.
     ///
     /// Plain LoRA adapters share two batched matmuls (their factors stacked, padded to the
     /// largest rank, gathered per sample). A DoRA adapter's update depends on the whole weight,
@@ -131,6 +131,15 @@ impl LoraState {
             .map(|adapter| adapter.filter(|adapter| !adapter.is_dora()))
             .collect();
         let output = self.low_rank_mixed(input.clone(), output, &plain, batch);
+        // Biases on B (lora_bias): each adapter's for its own samples.
+        let dtype = output.dtype();
+        let output = present
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, adapter)| Some((slot, adapter.as_ref()?.scaled_bias(dtype)?)))
+            .fold(output, |output, (slot, bias)| {
+                output + bias.unsqueeze::<D>() * batch.mask::<D>(slot, dtype)
+            });
         // DoRA adapters: each one's update for the whole batch, kept for its own samples.
         let stored = to_f32(weight.clone().detach());
         present

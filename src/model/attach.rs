@@ -500,6 +500,24 @@ fn new_adapter(
 ) -> Result<(Adapter, Option<Tensor<2>>), LoraError> {
     let scale = config.scale_for(layer.rank, layer.alpha);
     let dtype = float_dtype(base.dtype());
+    if config.lora_bias {
+        let refused = match (config.use_dora, layer.fast_path) {
+            (true, _) => Some("lora_bias with DoRA (PEFT does not support it either)".to_string()),
+            (false, false) => Some(format!(
+                "lora_bias on a {} (it computes through its weight alone; a bias on B needs a \
+                 LoraLinear, as in burn_lora::nn's blocks)",
+                layer.module_type
+            )),
+            (false, true) => None,
+        };
+        if let Some(what) = refused {
+            return Err(LoraError::UnsupportedVariant {
+                what,
+                path: layer.path.clone(),
+                adapter: name.to_string(),
+            });
+        }
+    }
     let site = Site {
         kind: layer.kind,
         path: &layer.path,
@@ -524,6 +542,13 @@ fn new_adapter(
         config.dropout,
     )
     .with_residual_init(residual_init);
+    let adapter = match config.lora_bias {
+        true => {
+            let zeros = Tensor::<1>::zeros([layer.d_out], &base.device()).cast(dtype);
+            adapter.with_lora_bias(zeros)
+        }
+        false => adapter,
+    };
     if !config.use_dora {
         return Ok((adapter, start.residual));
     }

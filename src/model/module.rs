@@ -38,6 +38,8 @@ pub struct AdapterInfo {
     pub merged: bool,
     /// Whether it is a DoRA adapter (it has a magnitude vector).
     pub dora: bool,
+    /// Whether `B` has a bias (PEFT's `lora_bias`).
+    pub lora_bias: bool,
     /// The init that moved part of the base into it (`"pissa"`, `"olora"`), if any.
     pub residual_init: Option<String>,
 }
@@ -268,6 +270,7 @@ impl<M: Module> LoraModule for M {
                     trainable: adapter.trainable,
                     merged: adapter.merged,
                     dora: adapter.is_dora(),
+                    lora_bias: adapter.lora_bias.is_some(),
                     residual_init: adapter.residual_init.as_ref().map(|r| r.method.clone()),
                 });
             }
@@ -492,6 +495,23 @@ impl<M: Module> LoraModule for M {
             |copy| adapters.iter().any(|(source, _)| *source == copy.name),
             "combining adapters with modules_to_save (their trained copies do not add)",
         )?;
+        for (path, state) in &snapshot.states {
+            let source = |adapter: &&Adapter| adapters.iter().any(|(s, _)| *s == adapter.name);
+            if let Some(adapter) = state
+                .adapters
+                .iter()
+                .filter(source)
+                .find(|adapter| adapter.lora_bias.is_some())
+            {
+                return Err(LoraError::UnsupportedVariant {
+                    what: "combining adapters with a bias on B (lora_bias; a combination is \
+                           made of factors only)"
+                        .into(),
+                    path: module_path_of(path).to_string(),
+                    adapter: adapter.name.clone(),
+                });
+            }
+        }
         // Compute every layer's new adapter before touching the model.
         let mut report = CombineReport::default();
         let mut combined = Vec::new();
@@ -613,6 +633,14 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
     }
     let paths: Vec<String> = snapshot.states.iter().map(|(p, _)| p.clone()).collect();
     let mut stored = snapshot.bases(&paths);
+    // The layers' biases, for adapters with a bias on B (lora_bias).
+    let bias_paths: Vec<String> = snapshot
+        .states
+        .iter()
+        .filter(|(_, state)| state.adapters.iter().any(|a| a.lora_bias.is_some()))
+        .map(|(path, _)| format!("{}.bias", module_path_of(path)))
+        .collect();
+    let mut stored_biases = snapshot.values(&bias_paths);
 
     // Everything is computed and checked before the model is rebuilt.
     let mut bases: HashMap<String, Tensor<2>> = HashMap::new();
@@ -631,7 +659,13 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
             let base = stored
                 .remove(path)
                 .expect("every adapted weight is a 2-D parameter of the model");
-            let folded = state.fold_into_base(module_path_of(path), base, &selected, sign > 0.0)?;
+            let module = module_path_of(path);
+            let bias_path = format!("{module}.bias");
+            let bias = stored_biases.remove(&bias_path);
+            if let Some(bias) = state.fold_into_bias(module, bias, &selected, sign > 0.0)? {
+                replacements.insert(bias_path, bias);
+            }
+            let folded = state.fold_into_base(module, base, &selected, sign > 0.0)?;
             bases.insert(path.clone(), folded);
         }
         for index in selected {

@@ -53,6 +53,9 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     /// `use_dora`: the adapters are DoRA, with a `lora_magnitude_vector` per module.
     pub use_dora: bool,
+    /// `lora_bias`: `lora_B` has a bias (`lora_B.bias`, `[d_out]`) per module, added as
+    /// `scale · bias`.
+    pub lora_bias: bool,
     /// `target_modules`, if given.
     pub target_modules: Option<TargetModules>,
     /// `exclude_modules`, if given.
@@ -85,6 +88,7 @@ struct ConfigFile {
     lora_dropout: Option<f64>,
     use_rslora: Option<bool>,
     use_dora: Option<bool>,
+    lora_bias: Option<bool>,
     target_modules: Option<TargetModules>,
     exclude_modules: Option<TargetModules>,
     layers_to_transform: Option<OneOrMany<usize>>,
@@ -193,6 +197,7 @@ impl AdapterConfig {
             lora_dropout: 0.0,
             use_rslora: false,
             use_dora: false,
+            lora_bias: false,
             target_modules: None,
             exclude_modules: None,
             layers_to_transform: None,
@@ -256,6 +261,18 @@ impl AdapterConfig {
         }
         // Only its type is checked: an adapter file never depends on the base's layout.
         let _ = file.fan_in_fan_out;
+        let (use_dora, lora_bias) = (
+            file.use_dora.unwrap_or(false),
+            file.lora_bias.unwrap_or(false),
+        );
+        if use_dora && lora_bias {
+            // PEFT refuses to make such an adapter.
+            return Err(unsupported(
+                "lora_bias = true with use_dora = true (PEFT does not support DoRA with a bias \
+                 on lora_B)"
+                    .into(),
+            ));
+        }
         Ok(Self {
             r: file.r.ok_or_else(|| invalid("missing field `r`".into()))?.0,
             lora_alpha: file
@@ -263,7 +280,8 @@ impl AdapterConfig {
                 .ok_or_else(|| invalid("missing field `lora_alpha`".into()))?,
             lora_dropout: file.lora_dropout.unwrap_or(0.0),
             use_rslora: file.use_rslora.unwrap_or(false),
-            use_dora: file.use_dora.unwrap_or(false),
+            use_dora,
+            lora_bias,
             target_modules: file.target_modules,
             exclude_modules: file.exclude_modules,
             layers_to_transform: file.layers_to_transform.map(OneOrMany::into_vec),
@@ -377,6 +395,7 @@ impl AdapterConfig {
             ("lora_dropout", number(self.lora_dropout)),
             ("use_rslora", json!(self.use_rslora)),
             ("use_dora", json!(self.use_dora)),
+            ("lora_bias", json!(self.lora_bias)),
             ("bias", json!("none")),
             ("fan_in_fan_out", json!(false)),
             ("target_modules", modules(&self.target_modules)),
@@ -480,7 +499,6 @@ fn refuse_unsupported(
         Some(_) => true,
     };
     let refused = [
-        ("lora_bias", "LoRA biases (lora_bias = true)"),
         ("layer_replication", "layer_replication"),
         (
             "target_parameters",

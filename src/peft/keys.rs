@@ -266,6 +266,8 @@ pub(crate) enum Factor {
     B,
     /// DoRA's `lora_magnitude_vector`.
     Magnitude,
+    /// The bias of `lora_B` (`lora_bias = true`), `[d_out]`.
+    Bias,
 }
 
 /// The key segment PEFT uses for `factor` on a layer of `kind`.
@@ -275,7 +277,7 @@ pub(crate) fn factor_segment(factor: Factor, kind: LayerKind) -> &'static str {
         (Factor::A, Embedding) => "lora_embedding_A",
         (Factor::B, Embedding) => "lora_embedding_B",
         (Factor::A, _) => "lora_A",
-        (Factor::B, _) => "lora_B",
+        (Factor::B | Factor::Bias, _) => "lora_B",
         (Factor::Magnitude, _) => "lora_magnitude_vector",
     }
 }
@@ -304,6 +306,7 @@ pub(crate) fn factor_key(peft_path: &str, factor: Factor, kind: LayerKind) -> St
         (Factor::Magnitude, _) | (_, LayerKind::Embedding) => {
             format!("{PEFT_PREFIX}{peft_path}.{segment}")
         }
+        (Factor::Bias, _) => format!("{PEFT_PREFIX}{peft_path}.{segment}.bias"),
         _ => format!("{PEFT_PREFIX}{peft_path}.{segment}.weight"),
     }
 }
@@ -320,7 +323,7 @@ pub(crate) enum Key {
         embedding: bool,
         adapter: Option<String>,
     },
-    /// A key of a PEFT feature burn-lora does not load (LoRA biases).
+    /// A key of a PEFT feature burn-lora does not load (a bias on `lora_A`).
     Unsupported { feature: &'static str },
     /// Anything else.
     Other,
@@ -365,17 +368,17 @@ pub(crate) fn parse_key(key: &str) -> Key {
     else {
         return Key::Other;
     };
-    let factor = match segments[position] {
-        "lora_A" => Factor::A,
-        _ => Factor::B,
-    };
     let rest = &segments[position + 1..];
-    let adapter = match rest {
-        ["weight"] => None,
-        [name, "weight"] => Some(name.to_string()),
-        [.., "bias"] => {
+    let (adapter, factor) = match (segments[position], rest) {
+        ("lora_A", ["weight"]) => (None, Factor::A),
+        ("lora_A", [name, "weight"]) => (Some(name.to_string()), Factor::A),
+        ("lora_B", ["weight"]) => (None, Factor::B),
+        ("lora_B", [name, "weight"]) => (Some(name.to_string()), Factor::B),
+        ("lora_B", ["bias"]) => (None, Factor::Bias),
+        ("lora_B", [name, "bias"]) => (Some(name.to_string()), Factor::Bias),
+        ("lora_A", [.., "bias"]) => {
             return Key::Unsupported {
-                feature: "LoRA biases (lora_bias)",
+                feature: "a bias on lora_A (PEFT's lora_bias puts it on lora_B)",
             };
         }
         _ => return Key::Other,
@@ -449,8 +452,30 @@ mod tests {
             }
         );
         assert_eq!(parse_key("lora_embedding_A"), Key::Other);
+        assert_eq!(
+            parse_key("base_model.model.x.lora_B.bias"),
+            Key::Lora {
+                module: "x".into(),
+                factor: Factor::Bias,
+                embedding: false,
+                adapter: None,
+            }
+        );
+        assert_eq!(
+            parse_key("x.lora_B.task.bias"),
+            Key::Lora {
+                module: "x".into(),
+                factor: Factor::Bias,
+                embedding: false,
+                adapter: Some("task".into()),
+            }
+        );
+        assert_eq!(
+            factor_key("x", Factor::Bias, LayerKind::Linear),
+            "base_model.model.x.lora_B.bias"
+        );
         assert!(matches!(
-            parse_key("x.lora_B.bias"),
+            parse_key("x.lora_A.bias"),
             Key::Unsupported { .. }
         ));
     }

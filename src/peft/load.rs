@@ -239,6 +239,15 @@ impl PeftAdapter {
                     }
                 ));
             }
+            if new.lora_bias.is_some() != current.lora_bias.is_some() {
+                problems.push(format!(
+                    "`{module}`: a bias on lora_B (lora_bias) in {} only",
+                    match current.lora_bias.is_some() {
+                        true => "the model",
+                        false => "the file",
+                    }
+                ));
+            }
             if current.residual_init.is_some() {
                 problems.push(format!(
                     "`{module}`: `{name}` started from the base (PiSSA/OLoRA); save and reload it \
@@ -308,9 +317,14 @@ impl PeftAdapter {
             // A key map that sends two modules of the file to one layer would attach two
             // adapters of one name there.
             if let Some(first) = accepted.iter().find(|other| other.path == checked.path) {
-                for tensor in [Some(checked.a), Some(checked.b), checked.magnitude]
-                    .into_iter()
-                    .flatten()
+                for tensor in [
+                    Some(checked.a),
+                    Some(checked.b),
+                    checked.magnitude,
+                    checked.bias,
+                ]
+                .into_iter()
+                .flatten()
                 {
                     report.unexpected.push(format!(
                         "{} (maps to `{}`, as `{}` does)",
@@ -345,16 +359,21 @@ impl PeftAdapter {
                 factor(module.a, rank, module.d_in),
                 factor(module.b, module.d_out, rank),
             );
-            let magnitude = module.magnitude.map(|magnitude| {
-                let data = values(magnitude, vec![module.d_out]);
-                (magnitude, Tensor::<1>::from_data(data, &device).cast(dtype))
-            });
+            let vector = |tensor: &'_ HostTensor| {
+                let data = values(tensor, vec![module.d_out]);
+                Tensor::<1>::from_data(data, &device).cast(dtype)
+            };
+            let magnitude = module.magnitude.map(|tensor| (tensor, vector(tensor)));
+            let lora_bias = module.bias.map(|tensor| (tensor, vector(tensor)));
             // Finite in f32 is not enough: the layer's dtype (f16) may not hold the values.
             let finite = |t: &Tensor<2>| t.clone().is_finite().all().into_scalar::<bool>();
             let overflows: Vec<&HostTensor> = [
                 (!finite(&lora_a)).then_some(module.a),
                 (!finite(&lora_b)).then_some(module.b),
                 magnitude.as_ref().and_then(|(tensor, value)| {
+                    (!value.clone().is_finite().all().into_scalar::<bool>()).then_some(*tensor)
+                }),
+                lora_bias.as_ref().and_then(|(tensor, value)| {
                     (!value.clone().is_finite().all().into_scalar::<bool>()).then_some(*tensor)
                 }),
             ]
@@ -382,6 +401,9 @@ impl PeftAdapter {
             );
             if let Some((_, magnitude)) = magnitude {
                 adapter = adapter.with_magnitude(magnitude);
+            }
+            if let Some((_, lora_bias)) = lora_bias {
+                adapter = adapter.with_lora_bias(lora_bias);
             }
             report.loaded.push(module.loaded);
             adapters.push((path, adapter.with_trainable(options.trainable)));
@@ -566,13 +588,14 @@ impl PeftAdapter {
                 continue;
             }
             let entry = modules.entry(module).or_default();
-            if factor != Factor::Magnitude {
+            if matches!(factor, Factor::A | Factor::B) {
                 entry.embedding_keys.push(embedding);
             }
             let slot = match factor {
                 Factor::A => &mut entry.a,
                 Factor::B => &mut entry.b,
                 Factor::Magnitude => &mut entry.magnitude,
+                Factor::Bias => &mut entry.bias,
             };
             match slot {
                 Some(_) => report.unexpected.push(tensor.key.clone()),
@@ -594,7 +617,7 @@ impl PeftAdapter {
     ) -> Option<CheckedModule<'a>> {
         let path = options.key_map.to_burn(module);
         let present = || {
-            [tensors.a, tensors.b, tensors.magnitude]
+            [tensors.a, tensors.b, tensors.magnitude, tensors.bias]
                 .into_iter()
                 .flatten()
         };
@@ -643,6 +666,27 @@ impl PeftAdapter {
                 report.unexpected.push(format!(
                     "{} (the config has use_dora = false)",
                     magnitude.key
+                ));
+                ok = false;
+            }
+            _ => {}
+        }
+        match (self.config.lora_bias, tensors.bias) {
+            (true, None) => {
+                report.missing.push(factor_key(module, Factor::Bias, kind));
+                ok = false;
+            }
+            (false, Some(bias)) => {
+                report
+                    .unexpected
+                    .push(format!("{} (the config has lora_bias = false)", bias.key));
+                ok = false;
+            }
+            (true, Some(bias)) if site.owner != "LoraLinear" => {
+                report.unexpected.push(format!(
+                    "{} (`{path}` is a {} that computes through its weight alone; a bias on \
+                     lora_B needs a LoraLinear)",
+                    bias.key, site.owner
                 ));
                 ok = false;
             }
@@ -698,6 +742,14 @@ impl PeftAdapter {
                 format!("one magnitude per output feature, d_out = {d_out} of `{path}`"),
             ));
         }
+        if let Some(bias) = tensors.bias {
+            expectations.push((
+                bias,
+                vec![d_out],
+                None,
+                format!("one bias per output feature, d_out = {d_out} of `{path}`"),
+            ));
+        }
         for (tensor, expected, rank_axis, layer) in expectations {
             if tensor.shape == expected {
                 continue;
@@ -731,6 +783,7 @@ impl PeftAdapter {
             a,
             b,
             magnitude: tensors.magnitude,
+            bias: tensors.bias,
             d_in,
             d_out,
             loaded: LoadedModule {
@@ -792,6 +845,7 @@ struct ModuleTensors<'a> {
     a: Option<&'a HostTensor>,
     b: Option<&'a HostTensor>,
     magnitude: Option<&'a HostTensor>,
+    bias: Option<&'a HostTensor>,
     /// For each factor key, whether it was an embedding's (`lora_embedding_*`).
     embedding_keys: Vec<bool>,
 }
@@ -802,6 +856,7 @@ struct CheckedModule<'a> {
     a: &'a HostTensor,
     b: &'a HostTensor,
     magnitude: Option<&'a HostTensor>,
+    bias: Option<&'a HostTensor>,
     d_in: usize,
     d_out: usize,
     loaded: LoadedModule,

@@ -92,6 +92,12 @@ pub(crate) fn save<M: Module>(
     }
     snapshot.require_adapter(name)?;
 
+    // PEFT's lora_bias is one setting per file: when some module's adapter has a bias on B,
+    // every module gets one, zero where it had none (the same outputs).
+    let lora_bias = snapshot
+        .states
+        .iter()
+        .any(|(_, state)| state.adapter(name).is_some_and(|a| a.lora_bias.is_some()));
     let mut entries = Vec::new();
     let mut tensors = Vec::new();
     for (weight_path, state) in &snapshot.states {
@@ -106,6 +112,7 @@ pub(crate) fn save<M: Module>(
             .expect("adapters sit on adaptable weights");
         let kind = site.kind().expect("an adaptable weight has a kind");
         let (lora_a, lora_b) = plain_delta_factors(adapter, path)?;
+        let (device, dtype) = (lora_b.device(), lora_b.dtype());
         let rank = lora_a.dims()[1];
         let (_, d_out) = site.factor_dims();
         // PyTorch's layouts, the transposes of Burn's (the same values, row-major, under a
@@ -118,6 +125,13 @@ pub(crate) fn save<M: Module>(
         if let Some(magnitude) = &adapter.magnitude {
             let magnitude = magnitude.val().reshape([1, d_out]);
             parts.push((Factor::Magnitude, magnitude, magnitude_shape));
+        }
+        if lora_bias {
+            let bias = match &adapter.lora_bias {
+                Some(bias) => bias.val(),
+                None => Tensor::<1>::zeros([d_out], (&device, dtype)),
+            };
+            parts.push((Factor::Bias, bias.reshape([1, d_out]), vec![d_out]));
         }
         for (factor, tensor, shape) in parts {
             let key = factor_key(&peft_path, factor, kind);
@@ -202,6 +216,7 @@ pub(crate) fn save<M: Module>(
         });
     }
     let mut config = adapter_config(&snapshot, &entries, options);
+    config.lora_bias = lora_bias;
     config.modules_to_save = (!saved_modules.is_empty()).then_some(saved_modules);
     let weights_path = dir.join(WEIGHTS_FILE);
     let config_path = dir.join(CONFIG_FILE);

@@ -95,8 +95,8 @@ pub fn adapter_flags<M: Module>(model: &M) -> Vec<AdapterFlags> {
     flags
 }
 
-/// The ids of every parameter the adapters of `model` own: each adapter's `A`, `B` and DoRA
-/// magnitude, and the copies of `modules_to_save`. The group of these ids is what a LoRA run
+/// The ids of every parameter the adapters of `model` own: each adapter's `A`, `B`, DoRA
+/// magnitude and bias on `B`, and the copies of `modules_to_save`. The group of these ids is what a LoRA run
 /// trains, and what [`adapter_record`] records.
 pub fn adapter_param_ids<M: Module>(model: &M) -> Vec<ParamId> {
     let snapshot = Snapshot::read(model);
@@ -105,6 +105,7 @@ pub fn adapter_param_ids<M: Module>(model: &M) -> Vec<ParamId> {
         for adapter in &state.adapters {
             ids.extend([adapter.lora_a.id, adapter.lora_b.id]);
             ids.extend(adapter.magnitude.as_ref().map(|magnitude| magnitude.id));
+            ids.extend(adapter.lora_bias.as_ref().map(|bias| bias.id));
         }
         ids.extend(state.copies.iter().map(|copy| copy.value.id));
     }

@@ -151,6 +151,8 @@ impl LoraPlusConfig {
                     }
                     _ => faster.push(adapter.lora_b.id),
                 }
+                // PEFT's LoRA+ puts lora_B's bias in B's group.
+                faster.extend(adapter.lora_bias.as_ref().map(|bias| bias.id));
             }
         }
         let mut paths = ParamPaths::default();
