@@ -133,6 +133,16 @@ pub enum LoraError {
         adapter: String,
     },
 
+    /// Trainable tokens an embedding cannot have: no token ids, an id twice or past the
+    /// vocabulary, or a module that is no embedding.
+    #[error("trainable tokens of `{path}`: {message}")]
+    InvalidTokenIndices {
+        /// Module path.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+
     /// A DoRA adapter is marked merged but the norms its merge divided by are gone (it was
     /// marked merged by hand, or the model was rebuilt from parts), so it cannot come back out.
     #[error(

@@ -105,7 +105,9 @@ mod variants;
 pub use adapter::{
     Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, MajoritySign, ResidualInit, SavedCopy,
 };
-pub use config::{AlphaPattern, LoraConfig, LoraInit, RankPattern, Target, Targets, layer_index};
+pub use config::{
+    AlphaPattern, LoraConfig, LoraInit, RankPattern, Target, Targets, TrainableTokens, layer_index,
+};
 pub use error::LoraError;
 pub use layers::{LoraLinear, LoraLinearConfig, MixedBatch, nn};
 pub use model::{

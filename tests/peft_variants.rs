@@ -224,6 +224,81 @@ fn embedding_adapters_give_peft_outputs() {
     }
 }
 
+/// Trainable tokens (PEFT's `trainable_token_indices`): rows 1, 4 and 7 of the embedding train
+/// on their own beside LoRA on `proj`; PEFT's outputs, and its file written back exactly.
+#[test]
+fn trainable_tokens_give_peft_outputs() {
+    for (backend, device) in devices() {
+        let case = "trainable_tokens";
+        let weights = base_weights(case, &device);
+        let model = EmbedModel {
+            embed: Embedding {
+                weight: Param::from_tensor(weights["embed.weight"].clone()),
+            },
+            proj: Linear {
+                weight: Param::from_tensor(weights["proj.weight"].clone().transpose()),
+                bias: Some(Param::from_tensor(
+                    weights["proj.bias"].clone().reshape([8]),
+                )),
+            },
+        };
+        let ids = io_tensor::<2>(case, "input", &device).int();
+        let expected = Expected::<3>::read(case, &device);
+        let label = format!("{backend}/{case}");
+        let adapted = check_case(
+            &label,
+            case,
+            &model,
+            |m| m.forward(ids.clone()),
+            &expected,
+            KeyMap::new(),
+        );
+        assert_eq!(adapted.lora_adapters().len(), 1);
+        let copies = adapted.saved_copies();
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        assert_eq!(copies[0].path, "embed.weight");
+        assert_eq!(copies[0].rows, Some(vec![1, 4, 7]));
+        let saved = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("peft_variants_save")
+            .join(label.replace('/', "_"))
+            .join(CONFIG_FILE);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(saved).unwrap()).unwrap();
+        assert_eq!(
+            config["trainable_token_indices"],
+            serde_json::json!({"embed": [1, 4, 7]})
+        );
+        assert!(config["modules_to_save"].is_null());
+        // Only those rows moved: every other row of the embedding reads the base's.
+        let merged = adapted.merge_and_unload_lora().unwrap();
+        let rows = |m: &EmbedModel| HostRows::of(m.embed.weight.val());
+        let (before, after) = (rows(&model), rows(&merged));
+        for row in 0..before.0.len() {
+            let changed = before.0[row] != after.0[row];
+            assert_eq!(changed, [1, 4, 7].contains(&row), "{label}: row {row}");
+        }
+    }
+}
+
+/// An embedding's rows on the host.
+struct HostRows(Vec<Vec<f32>>);
+
+impl HostRows {
+    fn of(weight: Tensor<2>) -> Self {
+        let [height, width] = weight.dims();
+        let values = weight
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        Self(
+            (0..height)
+                .map(|row| values[row * width..(row + 1) * width].to_vec())
+                .collect(),
+        )
+    }
+}
+
 #[derive(Module, Debug)]
 struct ConvModel {
     conv1: Conv2d,

@@ -1,8 +1,11 @@
 //! [`SavedCopy`]: one parameter of a module that an adapter trains in full (PEFT's
-//! `modules_to_save`, such as a classifier head), as a copy beside the frozen original.
+//! `modules_to_save`, such as a classifier head), or chosen rows of it (PEFT's trainable tokens,
+//! `trainable_token_indices`), as a copy beside the frozen original.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorData};
+
+use super::layout::float_dtype;
 
 /// An adapter's own copy of one parameter of a module in `modules_to_save`.
 ///
@@ -20,6 +23,10 @@ pub struct SavedCopy {
     pub active: bool,
     /// Whether the copy takes gradients.
     pub trainable: bool,
+    /// For trainable tokens: the rows of the parameter the copy holds (token ids of an
+    /// embedding, in order), `[rows, width]` flattened; the other rows stay the original's.
+    /// `None` for a copy of the whole parameter.
+    pub rows: Option<Vec<usize>>,
 }
 
 impl SavedCopy {
@@ -32,7 +39,40 @@ impl SavedCopy {
             name: name.to_string(),
             active: false,
             trainable: false,
+            rows: None,
         }
+    }
+
+    /// A copy of the rows `rows` of `original` (`[rows, width]`, the rows already selected) for
+    /// adapter `name`: trainable tokens. Inactive and frozen until the caller says otherwise.
+    pub(crate) fn of_rows(name: &str, original: Tensor<2>, rows: Vec<usize>) -> Self {
+        Self {
+            rows: Some(rows),
+            ..Self::new(name, original)
+        }
+    }
+
+    /// `base` (the parameter as stored) with this copy in place: the whole copy, or for
+    /// trainable tokens the base with the copy's rows written over it. The gradient reaches the
+    /// copy, not the base.
+    pub fn apply_to<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
+        let Some(rows) = &self.rows else {
+            return self.value_as(base.shape());
+        };
+        let shape = base.shape();
+        let (height, count) = (shape[0], rows.len());
+        let width = shape.num_elements() / height.max(1);
+        let device = base.device();
+        let ids: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
+        let indices = Tensor::<1, Int>::from_data(TensorData::new(ids, [count]), &device);
+        let base: Tensor<2> = base.detach().reshape([height, width]);
+        let values = self
+            .value
+            .val()
+            .reshape([count, width])
+            .cast(float_dtype(base.dtype()));
+        base.select_assign(0, indices, values, IndexingUpdateOp::Assign)
+            .reshape(shape)
     }
 
     /// The copy with gradients on or off.

@@ -58,7 +58,7 @@ impl Reparameterization for LoraState {
             return base;
         }
         if let Some(copy) = self.active_copy() {
-            return copy.value_as(base.shape());
+            return copy.apply_to(base);
         }
         if self.contributing().next().is_none() {
             return base;
@@ -148,7 +148,7 @@ impl LoraState {
         bias: Option<Tensor<1>>,
     ) -> Tensor<D> {
         let weight = match self.active_copy() {
-            Some(copy) => copy.value_as(weight.shape()),
+            Some(copy) => copy.apply_to(weight),
             None => weight,
         };
         if !self.contributing().any(Adapter::is_dora) {

@@ -60,6 +60,17 @@ pub struct RankPattern {
     pub rank: usize,
 }
 
+/// Rows of an embedding that an adapter trains on their own: an entry of PEFT's
+/// `trainable_token_indices` (trainable tokens), such as the ids of tokens added to a
+/// vocabulary.
+#[derive(Config, Debug, PartialEq)]
+pub struct TrainableTokens {
+    /// The embedding module: a name, matching a module path exactly or as a dotted suffix.
+    pub module: String,
+    /// The token ids (rows of the embedding's weight) that train, each once.
+    pub indices: Vec<usize>,
+}
+
 /// An alpha for the modules one target selects: an entry of PEFT's `alpha_pattern`.
 #[derive(Config, Debug, PartialEq)]
 pub struct AlphaPattern {
@@ -129,6 +140,12 @@ pub struct LoraConfig {
     /// and the other adapters. A module cannot be both a target and saved.
     #[config(default = "Vec::new()")]
     pub modules_to_save: Vec<String>,
+    /// PEFT's `trainable_token_indices`: rows of embeddings that the adapter trains. The
+    /// adapter gets its own copy of those rows, starting from the originals, which replaces them
+    /// while it is active; the rest of the embedding stays frozen and shared. An embedding with
+    /// trainable tokens is neither a target nor saved.
+    #[config(default = "Vec::new()")]
+    pub trainable_token_indices: Vec<TrainableTokens>,
 }
 
 impl LoraConfig {

@@ -9,5 +9,5 @@ pub(crate) mod matcher;
 pub(crate) mod scaling;
 mod targets;
 
-pub use lora::{AlphaPattern, LoraConfig, LoraInit, RankPattern};
+pub use lora::{AlphaPattern, LoraConfig, LoraInit, RankPattern, TrainableTokens};
 pub use targets::{Target, Targets, layer_index};

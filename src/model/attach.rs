@@ -10,14 +10,14 @@
 use std::collections::HashMap;
 
 use burn::module::Module;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::report::{AdaptedLayer, LoraReport, SavedModule, SkippedModule, TargetMatch};
 use super::snapshot::Snapshot;
 use super::survey::{Survey, module_path_of, weight_path_of};
 use crate::adapter::init::{self, Site};
 use crate::adapter::layout::{float_dtype, to_f32};
-use crate::adapter::{Adapter, DEFAULT_ADAPTER, LoraState, ResidualInit, SavedCopy};
+use crate::adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit, SavedCopy};
 use crate::config::matcher::first_match;
 use crate::{LoraConfig, LoraError, Target};
 
@@ -209,6 +209,7 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
         });
     }
     plan_saved(config, survey, &mut report)?;
+    plan_tokens(config, survey, &mut report)?;
     // One weight at several paths would get one adapter per path, and stop being shared.
     let planned: Vec<String> = report
         .layers
@@ -280,6 +281,7 @@ fn plan_saved(
                         .map_or_else(|| site.owner.clone(), |other| other.owner.clone()),
                     params: vec![site.path.clone()],
                     numel,
+                    rows: None,
                 }),
             }
         }
@@ -289,6 +291,74 @@ fn plan_saved(
                 candidates: nearest_linear_paths(&Target::Name(name.clone()), survey),
             });
         }
+    }
+    Ok(())
+}
+
+/// The embeddings of `config.trainable_token_indices` in `survey`, added to `report.saved`
+/// with their rows. Each name matches a module path exactly or as a dotted suffix.
+fn plan_tokens(
+    config: &LoraConfig,
+    survey: &Survey,
+    report: &mut LoraReport,
+) -> Result<(), LoraError> {
+    for tokens in &config.trainable_token_indices {
+        let named: Vec<_> = (survey.params.iter())
+            .filter(|site| {
+                saved_module_of(site.module_path(), &tokens.module) == Some(site.module_path())
+            })
+            .collect();
+        let Some(site) = named
+            .iter()
+            .find(|site| site.kind() == Some(LayerKind::Embedding))
+        else {
+            if let Some(site) = named.first() {
+                return Err(LoraError::InvalidTokenIndices {
+                    path: site.module_path().to_string(),
+                    message: format!("a {} is no embedding", site.owner),
+                });
+            }
+            if config.allow_unmatched_targets {
+                continue;
+            }
+            return Err(LoraError::UnmatchedTarget {
+                target: format!("trainable_token_indices `{}`", tokens.module),
+                candidates: Vec::new(),
+            });
+        };
+        let module = site.module_path();
+        let invalid = |message: String| LoraError::InvalidTokenIndices {
+            path: module.to_string(),
+            message,
+        };
+        let vocabulary = site.dims[0];
+        if tokens.indices.is_empty() {
+            return Err(invalid("no token ids".into()));
+        }
+        if let Some(&id) = tokens.indices.iter().find(|&&id| id >= vocabulary) {
+            return Err(invalid(format!(
+                "token id {id} is past the vocabulary of {vocabulary}"
+            )));
+        }
+        let mut sorted = tokens.indices.clone();
+        sorted.sort_unstable();
+        if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(invalid(format!("token id {} is listed twice", pair[0])));
+        }
+        let taken = report.layers.iter().any(|layer| layer.path == module)
+            || report.saved.iter().any(|saved| saved.path == module);
+        if taken {
+            return Err(LoraError::SavedAndTargeted {
+                path: module.to_string(),
+            });
+        }
+        report.saved.push(SavedModule {
+            path: module.to_string(),
+            module_type: site.owner.clone(),
+            params: vec![site.path.clone()],
+            numel: tokens.indices.len() * site.dims[1],
+            rows: Some(tokens.indices.clone()),
+        });
     }
     Ok(())
 }
@@ -433,6 +503,13 @@ pub(crate) fn add_adapter<M: Module>(
         }
     }
     let values = snapshot.values(&saved);
+    let rows_of = |path: &String| {
+        let module = report
+            .saved
+            .iter()
+            .find(|saved| saved.params.contains(path));
+        module.and_then(|module| module.rows.clone())
+    };
     let copies = saved
         .iter()
         .map(|path| {
@@ -442,10 +519,13 @@ pub(crate) fn add_adapter<M: Module>(
                 DType::QFloat(_) => to_f32(value),
                 _ => value,
             };
-            (
-                path.clone(),
-                SavedCopy::new(name, value).with_trainable(first),
-            )
+            let copy = match rows_of(path) {
+                Some(rows) => {
+                    SavedCopy::of_rows(name, select_rows(value, path, &snapshot, &rows), rows)
+                }
+                None => SavedCopy::new(name, value),
+            };
+            (path.clone(), copy.with_trainable(first))
         })
         .collect();
     Ok((
@@ -562,4 +642,22 @@ fn new_adapter(
         });
     }
     Ok((adapter.with_magnitude(magnitude), start.residual))
+}
+
+/// The rows `rows` of the parameter at `path`, whose stored values `flat` are flattened:
+/// `[rows, width]`.
+fn select_rows<M: Module>(
+    flat: Tensor<1>,
+    path: &str,
+    snapshot: &Snapshot<M>,
+    rows: &[usize],
+) -> Tensor<2> {
+    let site = (snapshot.survey.params.iter())
+        .find(|site| site.path == path)
+        .expect("copies sit on parameters of the model");
+    let (height, width) = (site.dims[0], site.dims[1..].iter().product::<usize>());
+    let ids: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
+    let device = flat.device();
+    let indices = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device);
+    flat.reshape([height, width]).select(0, indices)
 }

@@ -44,8 +44,8 @@ pub struct AdapterInfo {
     pub residual_init: Option<String>,
 }
 
-/// An adapter's copy of one parameter of a module in `modules_to_save`, from
-/// [`LoraModule::saved_copies`].
+/// An adapter's copy of one parameter of a module in `modules_to_save`, or of chosen rows of an
+/// embedding (trainable tokens), from [`LoraModule::saved_copies`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedCopyInfo {
     /// Path of the parameter copied, e.g. `classifier.weight`.
@@ -58,6 +58,8 @@ pub struct SavedCopyInfo {
     pub active: bool,
     /// Whether the copy takes gradients.
     pub trainable: bool,
+    /// For trainable tokens: the rows (token ids) the copy holds; `None` for a whole copy.
+    pub rows: Option<Vec<usize>>,
 }
 
 /// LoRA operations on any Burn module that carries adapters from
@@ -289,6 +291,7 @@ impl<M: Module> LoraModule for M {
                     numel: copy.value.lazy_shape().num_elements(),
                     active: copy.active && state.enabled,
                     trainable: copy.trainable,
+                    rows: copy.rows.clone(),
                 });
             }
         }
@@ -641,6 +644,15 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
         .map(|(path, _)| format!("{}.bias", module_path_of(path)))
         .collect();
     let mut stored_biases = snapshot.values(&bias_paths);
+    // The parameters whose active copy holds some rows only (trainable tokens), for a
+    // merge_and_unload to write those rows into.
+    let token_paths: Vec<String> = snapshot
+        .states
+        .iter()
+        .filter(|(_, state)| state.active_copy().is_some_and(|copy| copy.rows.is_some()))
+        .map(|(path, _)| path.clone())
+        .collect();
+    let token_bases = snapshot.values(&token_paths);
 
     // Everything is computed and checked before the model is rebuilt.
     let mut bases: HashMap<String, Tensor<2>> = HashMap::new();
@@ -651,8 +663,21 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
         if operation == Fold::MergeAndUnload
             && let Some(copy) = state.active_copy()
         {
-            // As PEFT's merge_and_unload: the active adapter's copy becomes the module's own.
-            replacements.insert(path.clone(), copy.value.val());
+            // As PEFT's merge_and_unload: the active adapter's copy becomes the module's own
+            // (for trainable tokens, its rows do).
+            let value = match token_bases.get(path) {
+                Some(base) => {
+                    let site = (snapshot.survey.params.iter())
+                        .find(|site| &site.path == path)
+                        .expect("copies sit on parameters of the model");
+                    let height = site.dims[0];
+                    let (count, width) = (base.dims()[0], base.dims()[0] / height.max(1));
+                    copy.apply_to::<2>(base.clone().reshape([height, width]))
+                        .reshape([count])
+                }
+                None => copy.value.val(),
+            };
+            replacements.insert(path.clone(), value);
         }
         let (selected, sign, keep) = operation.edit(&state);
         if !selected.is_empty() {

@@ -63,7 +63,7 @@ pub struct SkippedModule {
 }
 
 /// A module in `modules_to_save`: the adapter trains its own full copy of the module's
-/// parameters.
+/// parameters; or an embedding with trainable tokens: its own copy of some rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedModule {
     /// Module path, e.g. `classifier`.
@@ -74,6 +74,9 @@ pub struct SavedModule {
     pub params: Vec<String>,
     /// Values in the copies.
     pub numel: usize,
+    /// For trainable tokens: the rows (token ids) of the embedding's weight that are copied;
+    /// `None` for a whole module.
+    pub rows: Option<Vec<usize>>,
 }
 
 /// The outcome of a LoRA plan: which layers are adapted and what that costs.
@@ -205,13 +208,23 @@ impl fmt::Display for LoraReport {
             writeln!(f)?;
         }
         for saved in &self.saved {
-            writeln!(
-                f,
-                "saved {} ({}): a full trainable copy, {} params",
-                saved.path,
-                saved.module_type,
-                thousands(saved.numel)
-            )?;
+            match &saved.rows {
+                None => writeln!(
+                    f,
+                    "saved {} ({}): a full trainable copy, {} params",
+                    saved.path,
+                    saved.module_type,
+                    thousands(saved.numel)
+                )?,
+                Some(rows) => writeln!(
+                    f,
+                    "trainable tokens of {} ({}): {} rows, {} params",
+                    saved.path,
+                    saved.module_type,
+                    rows.len(),
+                    thousands(saved.numel)
+                )?,
+            }
         }
         for skipped in &self.skipped {
             writeln!(

@@ -39,7 +39,7 @@ impl TargetModules {
 /// The LoRA settings of a PEFT adapter, as `adapter_config.json` holds them.
 ///
 /// Unknown fields are kept in [`extra`](Self::extra) and written back, since PEFT adds fields
-/// often. Fields that would change what the adapter means (`trainable_token_indices`, an
+/// often. Fields that would change what the adapter means (`target_parameters`, an
 /// unconverted base-rewriting init...) are refused by [`from_json`](Self::from_json).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
@@ -75,6 +75,11 @@ pub struct AdapterConfig {
     /// `modules_to_save`: modules the adapter trains in full, such as a classifier head. Their
     /// copies are in the weights file under the modules' own keys (`…classifier.weight`).
     pub modules_to_save: Option<Vec<String>>,
+    /// `trainable_token_indices`: per embedding module (a name, exact or dotted suffix), the
+    /// token ids whose rows the adapter trains, in file order. PEFT's list form names
+    /// `embed_tokens`. The rows are in the weights file as
+    /// `…<module>.token_adapter.trainable_tokens_delta`, `[ids, dim]`.
+    pub trainable_token_indices: Vec<(String, Vec<usize>)>,
     /// Every other field, kept as read.
     pub extra: Map<String, Value>,
 }
@@ -100,6 +105,7 @@ struct ConfigFile {
     base_model_name_or_path: Option<String>,
     task_type: Option<String>,
     modules_to_save: Option<Vec<String>>,
+    trainable_token_indices: Option<Value>,
     bias: Option<String>,
     fan_in_fan_out: Option<bool>,
     #[serde(flatten)]
@@ -207,6 +213,7 @@ impl AdapterConfig {
             base_model_name_or_path: None,
             task_type: None,
             modules_to_save: None,
+            trainable_token_indices: Vec::new(),
             extra: Map::new(),
         }
     }
@@ -295,6 +302,7 @@ impl AdapterConfig {
             base_model_name_or_path: file.base_model_name_or_path,
             task_type: file.task_type,
             modules_to_save: file.modules_to_save,
+            trainable_token_indices: token_indices(file.trainable_token_indices, invalid)?,
             extra: file.extra,
         })
     }
@@ -400,6 +408,17 @@ impl AdapterConfig {
             ("fan_in_fan_out", json!(false)),
             ("target_modules", modules(&self.target_modules)),
             ("modules_to_save", json!(self.modules_to_save)),
+            (
+                "trainable_token_indices",
+                match self.trainable_token_indices.is_empty() {
+                    true => Value::Null,
+                    false => pairs(
+                        (self.trainable_token_indices.iter())
+                            .map(|(module, ids)| (module.clone(), json!(ids)))
+                            .collect(),
+                    ),
+                },
+            ),
             ("exclude_modules", modules(&self.exclude_modules)),
             ("layers_to_transform", json!(self.layers_to_transform)),
             ("layers_pattern", json!(self.layers_pattern)),
@@ -504,10 +523,6 @@ fn refuse_unsupported(
             "target_parameters",
             "target_parameters (adapters on raw parameters)",
         ),
-        (
-            "trainable_token_indices",
-            "trainable_token_indices (trainable embedding rows)",
-        ),
         ("use_qalora", "QALoRA (use_qalora = true)"),
         ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
     ];
@@ -547,6 +562,42 @@ fn refuse_unsupported(
         }
     }
     Ok(())
+}
+
+/// PEFT's `trainable_token_indices`: `null`, a list of token ids (for `embed_tokens`), or an
+/// object from module names to lists of token ids.
+fn token_indices(
+    value: Option<Value>,
+    invalid: &dyn Fn(String) -> LoraError,
+) -> Result<Vec<(String, Vec<usize>)>, LoraError> {
+    let ids = |value: &Value, field: &str| -> Result<Vec<usize>, LoraError> {
+        let problem = || invalid(format!("`{field}`: expected a list of token ids"));
+        let Value::Array(items) = value else {
+            return Err(problem());
+        };
+        items
+            .iter()
+            .map(|item| item.as_u64().map(|id| id as usize).ok_or_else(problem))
+            .collect()
+    };
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(list @ Value::Array(_)) => Ok(vec![(
+            "embed_tokens".to_string(),
+            ids(&list, "trainable_token_indices")?,
+        )]),
+        Some(Value::Object(modules)) => modules
+            .iter()
+            .map(|(module, list)| {
+                let field = format!("trainable_token_indices.{module}");
+                Ok((module.clone(), ids(list, &field)?))
+            })
+            .collect(),
+        Some(other) => Err(invalid(format!(
+            "`trainable_token_indices`: expected a list or an object, found {}",
+            kind(&other)
+        ))),
+    }
 }
 
 /// What kind of JSON value this is, for messages.
@@ -617,10 +668,6 @@ mod tests {
     fn unsupported_features_are_refused() {
         let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16"#;
         for (extra, word) in [
-            (
-                r#""trainable_token_indices": [1, 2]"#,
-                "trainable_token_indices",
-            ),
             (r#""kasa_config": {}"#, "KaSA"),
             (r#""arrow_config": {"top_k": 2}"#, "Arrow"),
             (r#""init_lora_weights": "lora_ga""#, "rewrites the base"),
@@ -638,6 +685,42 @@ mod tests {
         }
         let error = AdapterConfig::from_json(r#"{"peft_type": "IA3", "r": 8}"#, "c").unwrap_err();
         assert!(matches!(error, LoraError::UnsupportedAdapter { .. }));
+    }
+
+    #[test]
+    fn trainable_token_indices_read_in_both_forms_and_round_trip() {
+        let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16"#;
+        let read = |extra: &str| AdapterConfig::from_json(&format!("{{{base}, {extra}}}"), "c");
+        let list = read(r#""trainable_token_indices": [1, 2]"#).unwrap();
+        assert_eq!(
+            list.trainable_token_indices,
+            vec![("embed_tokens".to_string(), vec![1, 2])]
+        );
+        let modules = read(r#""trainable_token_indices": {"embed": [4, 0], "wte": [3]}"#).unwrap();
+        assert_eq!(
+            modules.trainable_token_indices,
+            vec![
+                ("embed".to_string(), vec![4, 0]),
+                ("wte".to_string(), vec![3])
+            ]
+        );
+        let again = AdapterConfig::from_json(&modules.to_json(), "c").unwrap();
+        assert_eq!(
+            again.trainable_token_indices,
+            modules.trainable_token_indices
+        );
+        for bad in [
+            r#""trainable_token_indices": [1, -2]"#,
+            r#""trainable_token_indices": {"embed": 3}"#,
+            r#""trainable_token_indices": "embed""#,
+        ] {
+            let error = read(bad).unwrap_err();
+            assert!(
+                matches!(&error, LoraError::InvalidConfig { message, .. }
+                    if message.contains("trainable_token_indices")),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -201,7 +201,9 @@ impl PeftAdapter {
         if !copies.is_empty() {
             return Err(LoraError::UnsupportedAdapter {
                 path: self.source.clone(),
-                feature: "modules_to_save in a hot-swap (load it as a new adapter)".into(),
+                feature: "modules_to_save or trainable tokens in a hot-swap (load it as a new \
+                          adapter)"
+                    .into(),
             });
         }
         let mut incoming: HashMap<String, Adapter> = adapters.into_iter().collect();
@@ -409,7 +411,8 @@ impl PeftAdapter {
             adapters.push((path, adapter.with_trainable(options.trainable)));
         }
 
-        let copies = self.saved_copies(name, snapshot, &saved_tensors, options, report);
+        let mut copies = self.saved_copies(name, snapshot, &saved_tensors, options, report);
+        copies.extend(self.token_copies(name, snapshot, options, report));
         if (options.strict && !report.is_clean()) || adapters.is_empty() {
             if adapters.is_empty() && report.is_clean() {
                 report.notes.push("the file holds no LoRA tensors".into());
@@ -564,6 +567,92 @@ impl PeftAdapter {
         copies
     }
 
+    /// The adapter's trainable tokens: from each `…<module>.token_adapter.trainable_tokens_delta`
+    /// tensor, a copy of the rows `trainable_token_indices` names for that embedding. Problems
+    /// go to the report.
+    fn token_copies<M: Module>(
+        &self,
+        name: &str,
+        snapshot: &Snapshot<M>,
+        options: &LoadOptions,
+        report: &mut LoadReport,
+    ) -> Vec<(String, SavedCopy)> {
+        let mut copies = Vec::new();
+        let mut covered: Vec<&str> = Vec::new();
+        for tensor in &self.tensors {
+            let Some(module) = token_module(&tensor.key) else {
+                continue;
+            };
+            let entry = (self.config.trainable_token_indices.iter())
+                .find(|(name, _)| saved_module_of(module, name) == Some(module));
+            let Some((entry_name, ids)) = entry else {
+                report.unexpected.push(format!(
+                    "{} (no trainable_token_indices entry names `{module}`)",
+                    tensor.key
+                ));
+                continue;
+            };
+            covered.push(entry_name);
+            let path = options.key_map.to_burn(module);
+            let Some(site) = (snapshot.survey.params.iter()).find(|site| {
+                site.module_path() == path && site.kind() == Some(LayerKind::Embedding)
+            }) else {
+                report.unexpected.push(format!(
+                    "{} (trainable tokens: the model has no embedding `{path}`)",
+                    tensor.key
+                ));
+                continue;
+            };
+            let (vocabulary, width) = (site.dims[0], site.dims[1]);
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if ids.is_empty() || sorted.len() != ids.len() || sorted.last() >= Some(&vocabulary) {
+                report.unexpected.push(format!(
+                    "{} (trainable_token_indices `{entry_name}` = {ids:?}: token ids must be \
+                     distinct and below the vocabulary of {vocabulary})",
+                    tensor.key
+                ));
+                continue;
+            }
+            let expected = vec![ids.len(), width];
+            if tensor.shape != expected {
+                report.shape_mismatches.push(ShapeMismatch {
+                    key: tensor.key.clone(),
+                    expected,
+                    found: tensor.shape.clone(),
+                    reason: format!("one row per token id of `{entry_name}`, width of `{path}`"),
+                });
+                continue;
+            }
+            let Some(values) = tensor.values.clone() else {
+                report.unusable_dtypes.push(DtypeNote {
+                    key: tensor.key.clone(),
+                    stored: tensor.dtype.clone(),
+                });
+                continue;
+            };
+            let original = &snapshot.values([&site.path])[&site.path];
+            let data = TensorData::new(values, [ids.len(), width]);
+            let rows = Tensor::<2>::from_data(data, &original.device())
+                .cast(float_dtype(original.dtype()));
+            if !rows.clone().is_finite().all().into_scalar::<bool>() {
+                report.non_finite.push(tensor.key.clone());
+                continue;
+            }
+            let copy = SavedCopy::of_rows(name, rows, ids.clone());
+            copies.push((site.path.clone(), copy.with_trainable(options.trainable)));
+        }
+        for (entry_name, _) in &self.config.trainable_token_indices {
+            if !covered.contains(&entry_name.as_str()) {
+                report.missing.push(format!(
+                    "{PEFT_PREFIX}<{entry_name}>.{TOKENS_KEY} (trainable_token_indices names it)"
+                ));
+            }
+        }
+        copies
+    }
+
     /// Group the adapter tensors by module; report the keys that are no adapter tensor.
     fn pair_tensors<'a>(&'a self, report: &mut LoadReport) -> BTreeMap<String, ModuleTensors<'a>> {
         let mut modules: BTreeMap<String, ModuleTensors<'a>> = BTreeMap::new();
@@ -576,7 +665,7 @@ impl PeftAdapter {
                 adapter,
             } = parse_key(&tensor.key)
             else {
-                if !self.saved_key(&tensor.key) {
+                if !self.saved_key(&tensor.key) && token_module(&tensor.key).is_none() {
                     report.unexpected.push(tensor.key.clone());
                 }
                 continue;
@@ -892,4 +981,13 @@ fn matching_weights(dir: &Path, config: &str, weights: Vec<u8>) -> Result<Vec<u8
     kept_aside.ok_or_else(|| LoraError::TornAdapter {
         path: dir.display().to_string(),
     })
+}
+
+/// The key segments of trainable tokens' rows, after the embedding's module path.
+pub(crate) const TOKENS_KEY: &str = "token_adapter.trainable_tokens_delta";
+
+/// The module (PEFT's path) whose trainable tokens `key` holds, if it is such a key.
+fn token_module(key: &str) -> Option<&str> {
+    let path = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+    path.strip_suffix(TOKENS_KEY)?.strip_suffix('.')
 }

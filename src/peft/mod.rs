@@ -40,9 +40,11 @@
 //! Loading is strict by default: missing or unexpected keys, shapes or ranks that disagree with
 //! the model or the config, unusable dtypes, empty tensors and NaN or Inf all fail, with a
 //! [`LoadReport`] that lists every one. `modules_to_save` (a classifier head trained in full)
-//! loads as the adapter's own copy of the module. Features burn-lora cannot reproduce (LoRA
-//! biases, trainable tokens, files still relative to a base rewritten by PiSSA, OLoRA or
-//! LoftQ...) are refused whole, never half-applied. A PiSSA or OLoRA adapter trained here is
+//! loads as the adapter's own copy of the module, trainable tokens
+//! (`trainable_token_indices`) as its own copy of those rows, and LoRA biases (`lora_bias`) as
+//! the adapters' [`lora_bias`](crate::Adapter::lora_bias). Features burn-lora cannot reproduce
+//! (files still relative to a base rewritten by PiSSA, OLoRA or LoftQ, raw-parameter targets...)
+//! are refused whole, never half-applied. A PiSSA or OLoRA adapter trained here is
 //! saved as PEFT converts it: a plain LoRA of rank `2r` for the original base. Writes go
 //! through a temporary file and a rename, so a crash never leaves half a file.
 

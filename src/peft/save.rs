@@ -12,6 +12,7 @@ use super::files::{
     DIGEST_FIELD, OutTensor, digest, encode, io_error, lock, publish, write_tensors,
 };
 use super::keys::{Factor, KeyMap, PEFT_PREFIX, factor_key, peft_shapes};
+use super::load::TOKENS_KEY;
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::config::scaling::alpha_for_scale;
 use crate::model::snapshot::Snapshot;
@@ -147,12 +148,28 @@ pub(crate) fn save<M: Module>(
     // The adapter's copies of modules_to_save, under the modules' own keys, in PyTorch's
     // names and layouts, as PEFT writes them.
     let mut saved_modules: Vec<String> = Vec::new();
+    let mut token_indices: Vec<(String, Vec<usize>)> = Vec::new();
     for (param_path, state) in &snapshot.states {
         let Some(copy) = state.copies.iter().find(|copy| copy.name == name) else {
             continue;
         };
         let module = module_path_of(param_path);
         let peft_module = options.key_map.to_peft_checked(module)?;
+        if let Some(rows) = &copy.rows {
+            // Trainable tokens: the rows, `[ids, width]`, and their ids in the config.
+            let count = copy.value.lazy_shape().num_elements();
+            let shape = vec![rows.len(), count / rows.len().max(1)];
+            let key = format!("{PEFT_PREFIX}{peft_module}.{TOKENS_KEY}");
+            let value = copy.value.val().reshape([1, count]);
+            let tensor =
+                out_tensor(key, value, shape).ok_or_else(|| LoraError::NonFiniteAdapter {
+                    path: param_path.clone(),
+                    adapter: name.to_string(),
+                })?;
+            tensors.push(tensor);
+            token_indices.push((peft_module, rows.clone()));
+            continue;
+        }
         let site = snapshot
             .survey
             .params
@@ -218,6 +235,7 @@ pub(crate) fn save<M: Module>(
     let mut config = adapter_config(&snapshot, &entries, options);
     config.lora_bias = lora_bias;
     config.modules_to_save = (!saved_modules.is_empty()).then_some(saved_modules);
+    config.trainable_token_indices = token_indices;
     let weights_path = dir.join(WEIGHTS_FILE);
     let config_path = dir.join(CONFIG_FILE);
     let bytes = write_tensors(&tensors, &weights_path.display().to_string())?;

@@ -1,0 +1,235 @@
+//! Trainable tokens (PEFT's `trainable_token_indices`): an adapter's own copy of chosen rows of
+//! an embedding, which replaces them while it is active, trains alone, and becomes the
+//! embedding's own in `merge_and_unload`. Checked against naive formulas; PEFT's outputs and
+//! file are in `tests/peft_variants.rs` (case `trainable_tokens`).
+
+mod common;
+
+use burn::nn::{Embedding, EmbeddingConfig, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::{Distribution, TensorData};
+use burn_lora::{
+    LoraConfig, LoraError, LoraLinear, LoraModule, LoraState, Targets, TrainableTokens,
+};
+use common::{base_data, randomize};
+
+#[derive(Module, Debug)]
+struct Tiny {
+    embed: Embedding,
+    proj: LoraLinear,
+}
+
+impl Tiny {
+    fn new(device: &Device) -> Self {
+        Self {
+            embed: EmbeddingConfig::new(12, 6).init(device),
+            proj: LinearConfig::new(6, 4).init(device).into(),
+        }
+    }
+}
+
+fn tokens(indices: &[usize]) -> TrainableTokens {
+    TrainableTokens::new("embed".into(), indices.to_vec())
+}
+
+fn config(indices: &[usize]) -> LoraConfig {
+    LoraConfig::new(2)
+        .with_targets(Targets::names(["proj"]))
+        .with_trainable_token_indices(vec![tokens(indices)])
+}
+
+fn ids(device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(
+        TensorData::new(vec![0i64, 3, 5, 3, 11, 5, 7, 3], [2, 4]),
+        device,
+    )
+}
+
+/// The embedding's stored rows and the copy's rows, on the host.
+fn rows(tensor: Tensor<2>) -> Vec<Vec<f32>> {
+    let [height, width] = tensor.dims();
+    let values = tensor
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    (0..height)
+        .map(|row| values[row * width..(row + 1) * width].to_vec())
+        .collect()
+}
+
+fn copy_rows(model: &Tiny, name: &str) -> Vec<Vec<f32>> {
+    let state = model
+        .embed
+        .weight
+        .reparameterization::<LoraState>()
+        .unwrap();
+    let copy = state.copies.iter().find(|copy| copy.name == name).unwrap();
+    let count = copy.rows.as_ref().unwrap().len();
+    rows(copy.value.val().reshape([count, 6]))
+}
+
+#[test]
+fn the_rows_start_as_the_originals_and_replace_them_while_active() {
+    let device = Device::flex();
+    device.seed(1);
+    let model = Tiny::new(&device);
+    let before = model.embed.forward(ids(&device)).into_data();
+    let (model, report) = config(&[3, 5]).apply(model).unwrap();
+    assert_eq!(report.saved[0].rows, Some(vec![3, 5]));
+    assert_eq!(report.saved[0].numel, 2 * 6);
+    assert!(report.to_string().contains("trainable tokens of embed"));
+    assert_eq!(model.embed.forward(ids(&device)).into_data(), before);
+
+    let model = randomize(model, "value", 0.5);
+    let weight = rows(base_data(&model)["embed.weight"].clone().into());
+    let copy = copy_rows(&model, "default");
+    let output = rows(model.embed.forward(ids(&device)).reshape([8, 6]));
+    for (position, id) in [0usize, 3, 5, 3, 11, 5, 7, 3].into_iter().enumerate() {
+        let expected = match id {
+            3 => &copy[0],
+            5 => &copy[1],
+            _ => &weight[id],
+        };
+        assert_eq!(
+            &output[position], expected,
+            "position {position}, token {id}"
+        );
+    }
+    // Disabled, the base rows come back.
+    let disabled = model.disable_adapters().unwrap();
+    assert_eq!(disabled.embed.forward(ids(&device)).into_data(), before);
+}
+
+#[test]
+fn only_the_copied_rows_train() {
+    let device = Device::flex().autodiff();
+    device.seed(2);
+    let (model, _) = config(&[3, 7]).apply(Tiny::new(&device)).unwrap();
+    let probe = Tensor::<3>::random([2, 4, 6], Distribution::Default, &device);
+    let loss = (model.embed.forward(ids(&device)) * probe.clone()).sum();
+    let grads = loss.backward();
+    assert!(
+        model.embed.weight.grad(&grads).is_none(),
+        "the embedding is frozen"
+    );
+    let state = model
+        .embed
+        .weight
+        .reparameterization::<LoraState>()
+        .unwrap();
+    let grad = state.copies[0].value.grad(&grads).expect("the rows train");
+    let grad = rows(grad.reshape([2, 6]));
+    // d(sum(e·p))/d row = Σ p over the positions reading that token.
+    let probe = rows(probe.inner().reshape([8, 6]));
+    for (slot, id) in [3usize, 7].into_iter().enumerate() {
+        let mut expected = vec![0.0f32; 6];
+        for (position, token) in [0usize, 3, 5, 3, 11, 5, 7, 3].into_iter().enumerate() {
+            if token == id {
+                for (value, p) in expected.iter_mut().zip(&probe[position]) {
+                    *value += p;
+                }
+            }
+        }
+        for (got, want) in grad[slot].iter().zip(&expected) {
+            assert!((got - want).abs() <= 1e-6, "token {id}: {got} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn adapters_switch_rows_and_merge_and_unload_keeps_the_active_ones() {
+    let device = Device::flex();
+    device.seed(3);
+    let base = Tiny::new(&device);
+    let stored = base_data(&base);
+    let (model, _) = config(&[3]).apply(base).unwrap();
+    let (model, _) = model.add_adapter("other", &config(&[5])).unwrap();
+    let model = randomize(model, "value", 0.5);
+    let output = |m: &Tiny| rows(m.embed.forward(ids(&device)).reshape([8, 6]));
+    let weight = rows(stored["embed.weight"].clone().into());
+    let default = output(&model);
+    assert_eq!(default[1], copy_rows(&model, "default")[0]);
+    assert_eq!(default[2], weight[5]);
+    let other = model.set_active(&["other"]).unwrap();
+    let switched = output(&other);
+    assert_eq!(switched[1], weight[3]);
+    assert_eq!(switched[2], copy_rows(&model, "other")[0]);
+
+    let merged = other.merge_and_unload_lora().unwrap();
+    assert!(merged.saved_copies().is_empty());
+    let merged_rows = rows(merged.embed.weight.val());
+    for (row, values) in merged_rows.iter().enumerate() {
+        match row {
+            5 => assert_eq!(values, &copy_rows(&model, "other")[0]),
+            _ => assert_eq!(values, &weight[row], "row {row}"),
+        }
+    }
+    // unload_lora gives the base back bit for bit.
+    let unloaded = model.unload_lora().unwrap();
+    assert_eq!(base_data(&unloaded), stored);
+}
+
+#[test]
+fn token_ids_are_checked() {
+    let device = Device::flex();
+    let model = Tiny::new(&device);
+    for (indices, word) in [
+        (vec![], "no token ids"),
+        (vec![2, 12], "past the vocabulary"),
+        (vec![4, 4], "twice"),
+    ] {
+        let error = config(&indices).apply(model.clone()).unwrap_err();
+        assert!(
+            matches!(&error, LoraError::InvalidTokenIndices { path, message }
+                if path == "embed" && message.contains(word)),
+            "{indices:?}: {error}"
+        );
+    }
+    let not_embedding = LoraConfig::new(2)
+        .with_targets(Targets::names(["proj"]))
+        .with_trainable_token_indices(vec![TrainableTokens::new("proj".into(), vec![0])]);
+    let error = not_embedding.apply(model.clone()).unwrap_err();
+    assert!(
+        matches!(&error, LoraError::InvalidTokenIndices { path, .. } if path == "proj"),
+        "{error}"
+    );
+    let targeted = config(&[1]).with_targets(Targets::names(["embed", "proj"]));
+    let error = targeted.apply(model.clone()).unwrap_err();
+    assert!(
+        matches!(&error, LoraError::SavedAndTargeted { path } if path == "embed"),
+        "{error}"
+    );
+    let (adapted, _) = config(&[1]).apply(model).unwrap();
+    let error = adapted.mixed_batch(&[Some("default")]).unwrap_err();
+    assert!(
+        matches!(error, LoraError::UnsupportedVariant { .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn saved_tokens_load_back_bit_for_bit() {
+    let device = Device::flex();
+    device.seed(4);
+    let (model, _) = config(&[2, 9]).apply(Tiny::new(&device)).unwrap();
+    let model = randomize(model, "value", 0.5);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("trainable_tokens_save");
+    let _ = std::fs::remove_dir_all(&dir);
+    let saved = burn_lora::peft::save_adapter(&model, &dir, "default").unwrap();
+    assert_eq!(
+        saved.config.trainable_token_indices,
+        vec![("embed".to_string(), vec![2, 9])]
+    );
+    let base = model.unload_lora().unwrap();
+    let (reloaded, report) = burn_lora::peft::load_adapter(&base, &dir, "default").unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        copy_rows(&reloaded, "default"),
+        copy_rows(&model, "default")
+    );
+    assert_eq!(
+        reloaded.embed.forward(ids(&device)).into_data(),
+        model.embed.forward(ids(&device)).into_data()
+    );
+}
