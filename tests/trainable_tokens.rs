@@ -233,3 +233,173 @@ fn saved_tokens_load_back_bit_for_bit() {
         model.embed.forward(ids(&device)).into_data()
     );
 }
+
+mod properties {
+    //! Random sequences of adding adapters with their own token rows, switching, disabling,
+    //! deleting, merging and unmerging, `merge_and_unload`, and a PEFT save and load. After every
+    //! step the embedding's output equals, token by token, the active adapter's copied row (as
+    //! the model holds it now) or the original row; the stored embedding stays the original bit
+    //! for bit; and a failed operation returns the documented error.
+
+    use super::*;
+    use burn_lora::peft::{load_adapter, save_adapter};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as RunnerConfig, RngSeed, TestRunner};
+
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+    const IDS: [usize; 8] = [0, 3, 5, 3, 11, 5, 7, 3];
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Add(&'static str, Vec<usize>),
+        SetActive(&'static str),
+        Disable,
+        Enable,
+        Delete(&'static str),
+        MergeUnmerge,
+        MergeAndUnload,
+        SaveLoad(&'static str, &'static str),
+    }
+
+    fn name() -> impl Strategy<Value = &'static str> {
+        proptest::sample::select(NAMES.to_vec())
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let rows =
+            proptest::sample::subsequence((0..12).collect::<Vec<usize>>(), 1..=4).prop_shuffle();
+        prop_oneof![
+            3 => (name(), rows).prop_map(|(name, rows)| Step::Add(name, rows)),
+            3 => name().prop_map(Step::SetActive),
+            1 => Just(Step::Disable),
+            1 => Just(Step::Enable),
+            1 => name().prop_map(Step::Delete),
+            1 => Just(Step::MergeUnmerge),
+            1 => Just(Step::MergeAndUnload),
+            2 => (name(), name()).prop_map(|(from, to)| Step::SaveLoad(from, to)),
+        ]
+    }
+
+    /// What the embedding must read, position by position.
+    fn expected(
+        model: &Tiny,
+        active: Option<&str>,
+        enabled: bool,
+        base: &[Vec<f32>],
+    ) -> Vec<Vec<f32>> {
+        let copy = active.filter(|_| enabled).map(|name| {
+            let state = model
+                .embed
+                .weight
+                .reparameterization::<LoraState>()
+                .unwrap();
+            let copy = state.copies.iter().find(|c| c.name == name).unwrap();
+            (copy.rows.clone().unwrap(), copy_rows(model, name))
+        });
+        IDS.iter()
+            .map(|&id| match &copy {
+                Some((rows, values)) => match rows.iter().position(|&row| row == id) {
+                    Some(slot) => values[slot].clone(),
+                    None => base[id].clone(),
+                },
+                None => base[id].clone(),
+            })
+            .collect()
+    }
+
+    fn embedded(model: &Tiny, device: &Device) -> Vec<Vec<f32>> {
+        rows(model.embed.forward(ids(device)).reshape([8, 6]))
+    }
+
+    #[test]
+    fn random_sequences_read_the_right_rows() {
+        let mut runner = TestRunner::new(RunnerConfig {
+            cases: 48,
+            failure_persistence: None,
+            rng_seed: RngSeed::Fixed(0x746f_6b65_6e73),
+            ..RunnerConfig::default()
+        });
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("trainable_tokens_props");
+        let strategy = (any::<u64>(), proptest::collection::vec(step(), 1..=12));
+        runner
+            .run(&strategy, |(seed, steps)| {
+                let device = Device::flex();
+                device.seed(seed);
+                let base = Tiny::new(&device);
+                let stored = base_data(&base);
+                let base_rows = rows(stored["embed.weight"].clone().into());
+                let (mut model, _) = config(&[3]).apply(base).unwrap();
+                model = randomize(model, "value", 0.5);
+                let (mut names, mut active, mut enabled) = (vec!["default"], Some("default"), true);
+                for (index, step) in steps.iter().enumerate() {
+                    let label = format!("step {index} {step:?}");
+                    let known = |name: &str| names.contains(&name);
+                    let outcome: Result<Tiny, LoraError> = match step {
+                        Step::Add(name, rows) => {
+                            model.add_adapter(name, &config(rows)).map(|(m, _)| m)
+                        }
+                        Step::SetActive(name) => model.set_active(&[name]),
+                        Step::Disable => model.disable_adapters(),
+                        Step::Enable => model.enable_adapters(),
+                        Step::Delete(name) => model.delete_adapter(name),
+                        Step::MergeUnmerge => match model.merge_lora() {
+                            Ok(merged) => {
+                                let want = expected(&model, active, enabled, &base_rows);
+                                prop_assert_eq!(embedded(&merged, &device), want, "{}", label);
+                                merged.unmerge_lora()
+                            }
+                            Err(error) => Err(error),
+                        },
+                        Step::MergeAndUnload => {
+                            // Read only: the unloaded model reads the active rows as its own.
+                            if let Ok(unloaded) = model.merge_and_unload_lora() {
+                                let want = expected(&model, active, enabled, &base_rows);
+                                prop_assert_eq!(embedded(&unloaded, &device), want, "{}", label);
+                                prop_assert!(unloaded.saved_copies().is_empty());
+                            }
+                            Ok(model.clone())
+                        }
+                        Step::SaveLoad(from, to) => {
+                            let _ = std::fs::remove_dir_all(&dir);
+                            save_adapter(&model, &dir, from)
+                                .and_then(|_| load_adapter(&model, &dir, to).map(|(m, _)| m))
+                        }
+                    };
+                    let ok = match step {
+                        Step::Add(name, _) => !known(name),
+                        Step::SetActive(name) => known(name),
+                        Step::Disable | Step::Enable | Step::MergeAndUnload => true,
+                        Step::Delete(name) => known(name) && active != Some(*name),
+                        Step::MergeUnmerge => enabled,
+                        Step::SaveLoad(from, to) => known(from) && !known(to),
+                    };
+                    prop_assert_eq!(
+                        outcome.is_ok(),
+                        ok,
+                        "{}: {:?}",
+                        label,
+                        outcome.as_ref().err()
+                    );
+                    if let Ok(next) = outcome {
+                        model = next;
+                        match step {
+                            Step::Add(name, _) | Step::SaveLoad(_, name) => {
+                                names.push(name);
+                                model = randomize(model, "value", 0.5);
+                            }
+                            Step::SetActive(name) => active = Some(*name),
+                            Step::Disable => enabled = false,
+                            Step::Enable => enabled = true,
+                            Step::Delete(name) => names.retain(|n| n != name),
+                            _ => {}
+                        }
+                    }
+                    let want = expected(&model, active, enabled, &base_rows);
+                    prop_assert_eq!(embedded(&model, &device), want, "{}", label);
+                    prop_assert_eq!(&base_data(&model)["embed.weight"], &stored["embed.weight"]);
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+}
