@@ -189,17 +189,10 @@ struct EmbedModel {
 }
 
 impl EmbedModel {
-    fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.proj.forward(self.embed.forward(ids))
-    }
-}
-
-#[test]
-fn embedding_adapters_give_peft_outputs() {
-    for (backend, device) in devices() {
-        let case = "embedding";
-        let weights = base_weights(case, &device);
-        let model = EmbedModel {
+    /// The base model of a fixture case of this model.
+    fn of_case(case: &str, device: &Device) -> Self {
+        let weights = base_weights(case, device);
+        Self {
             embed: Embedding {
                 weight: Param::from_tensor(weights["embed.weight"].clone()),
             },
@@ -209,7 +202,19 @@ fn embedding_adapters_give_peft_outputs() {
                     weights["proj.bias"].clone().reshape([8]),
                 )),
             },
-        };
+        }
+    }
+
+    fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.proj.forward(self.embed.forward(ids))
+    }
+}
+
+#[test]
+fn embedding_adapters_give_peft_outputs() {
+    for (backend, device) in devices() {
+        let case = "embedding";
+        let model = EmbedModel::of_case(case, &device);
         let ids = io_tensor::<2>(case, "input", &device).int();
         let expected = Expected::<3>::read(case, &device);
         let adapted = check_case(
@@ -230,18 +235,7 @@ fn embedding_adapters_give_peft_outputs() {
 fn trainable_tokens_give_peft_outputs() {
     for (backend, device) in devices() {
         let case = "trainable_tokens";
-        let weights = base_weights(case, &device);
-        let model = EmbedModel {
-            embed: Embedding {
-                weight: Param::from_tensor(weights["embed.weight"].clone()),
-            },
-            proj: Linear {
-                weight: Param::from_tensor(weights["proj.weight"].clone().transpose()),
-                bias: Some(Param::from_tensor(
-                    weights["proj.bias"].clone().reshape([8]),
-                )),
-            },
-        };
+        let model = EmbedModel::of_case(case, &device);
         let ids = io_tensor::<2>(case, "input", &device).int();
         let expected = Expected::<3>::read(case, &device);
         let label = format!("{backend}/{case}");

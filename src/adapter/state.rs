@@ -229,18 +229,7 @@ impl LoraState {
                 true => sum + term,
                 false => sum - term,
             };
-            if !sum
-                .clone()
-                .cast(dtype)
-                .is_finite()
-                .all()
-                .into_scalar::<bool>()
-            {
-                return Err(LoraError::NonFiniteMerge {
-                    path: path.to_string(),
-                    adapter: adapter.name.clone(),
-                });
-            }
+            finite_in(&sum, dtype, path, adapter)?;
         }
         if merge && self.merged_bias.is_none() {
             self.merged_bias = Some(bias);
@@ -282,24 +271,30 @@ impl LoraState {
                 true => adapter.merge_into(weight),
                 false => adapter.unmerge_from(weight, path)?,
             };
-            // Checked in the dtype the base is stored in: a sum finite in f32 can overflow f16.
-            if !updated
-                .clone()
-                .cast(dtype)
-                .is_finite()
-                .all()
-                .into_scalar::<bool>()
-            {
-                return Err(LoraError::NonFiniteMerge {
-                    path: path.to_string(),
-                    adapter: adapter.name.clone(),
-                });
-            }
+            finite_in(&updated, dtype, path, adapter)?;
             weight = updated;
         }
         if merge && self.merged_base.is_none() {
             self.merged_base = Some(stored);
         }
         Ok(weight.cast(dtype))
+    }
+}
+
+/// [`LoraError::NonFiniteMerge`] unless `merged` (f32) is finite in `dtype`, the dtype the
+/// parameter is stored in: a sum finite in f32 can overflow f16.
+fn finite_in<const D: usize>(
+    merged: &Tensor<D>,
+    dtype: burn::tensor::FloatDType,
+    path: &str,
+    adapter: &Adapter,
+) -> Result<(), LoraError> {
+    let finite = merged.clone().cast(dtype).is_finite().all();
+    match finite.into_scalar::<bool>() {
+        true => Ok(()),
+        false => Err(LoraError::NonFiniteMerge {
+            path: path.to_string(),
+            adapter: adapter.name.clone(),
+        }),
     }
 }
