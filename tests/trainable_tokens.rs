@@ -403,3 +403,80 @@ mod properties {
             .unwrap();
     }
 }
+
+/// A file with LoRA factors and trainable tokens for the same embedding (PEFT never writes one)
+/// is refused by a strict load, and a lenient one keeps the factors and leaves the copy out.
+#[test]
+fn factors_and_tokens_on_one_embedding_do_not_load_together() {
+    use burn_lora::peft::{LoadOptions, load_adapter_with, save_adapter};
+    use std::collections::BTreeMap;
+    let device = Device::flex();
+    device.seed(5);
+    let base = Tiny::new(&device);
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("trainable_tokens_both");
+    let _ = std::fs::remove_dir_all(&root);
+    let lora = LoraConfig::new(2).with_targets(Targets::names(["embed", "proj"]));
+    let (with_factors, _) = lora.apply(base.clone()).unwrap();
+    let with_factors = randomize(with_factors, "lora_b", 0.5);
+    save_adapter(&with_factors, root.join("factors"), "default").unwrap();
+    let (with_tokens, _) = config(&[3]).apply(base.clone()).unwrap();
+    save_adapter(&with_tokens, root.join("tokens"), "default").unwrap();
+
+    // The factors' file, plus the tokens' tensor and config entry.
+    let read = |dir: &str| {
+        let bytes = std::fs::read(root.join(dir).join("adapter_model.safetensors")).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut out = BTreeMap::new();
+        for (key, view) in tensors.tensors() {
+            out.insert(key, (view.shape().to_vec(), view.data().to_vec()));
+        }
+        out
+    };
+    let mut tensors = read("factors");
+    tensors.extend(
+        read("tokens")
+            .into_iter()
+            .filter(|(key, _)| key.contains("trainable_tokens_delta")),
+    );
+    let both = root.join("both");
+    std::fs::create_dir_all(&both).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(key, (shape, data))| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap();
+            (key.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &both.join("adapter_model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(root.join("factors/adapter_config.json")).unwrap();
+    let mut config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).unwrap();
+    config.retain(|key, _| !key.contains("digest"));
+    config.insert(
+        "trainable_token_indices".into(),
+        serde_json::json!({"embed": [3]}),
+    );
+    std::fs::write(
+        both.join("adapter_config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+
+    let error = load_adapter_with(&base, &both, "default", &LoadOptions::new()).unwrap_err();
+    assert!(
+        matches!(&error, LoraError::AdapterMismatch { report, .. }
+            if report.unexpected.iter().any(|u| u.contains("embed.weight"))),
+        "{error}"
+    );
+    let lenient = LoadOptions::new().with_strict(false);
+    let (loaded, report) = load_adapter_with(&base, &both, "default", &lenient).unwrap();
+    assert!(!report.is_clean());
+    assert!(loaded.saved_copies().is_empty());
+    assert_eq!(loaded.lora_adapters().len(), 2);
+    assert_eq!(
+        loaded.embed.forward(ids(&device)).into_data(),
+        with_factors.embed.forward(ids(&device)).into_data()
+    );
+}

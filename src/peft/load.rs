@@ -413,6 +413,18 @@ impl PeftAdapter {
 
         let mut copies = self.saved_copies(name, snapshot, &saved_tensors, options, report);
         copies.extend(self.token_copies(name, snapshot, options, report));
+        // A parameter holds LoRA factors or a trained copy, never both: the copy would hide
+        // the factors.
+        copies.retain(|(path, _)| {
+            let both = adapters.iter().any(|(adapted, _)| adapted == path);
+            if both {
+                report.unexpected.push(format!(
+                    "the trained copy of `{path}` (modules_to_save or trainable tokens; the file \
+                     also has LoRA factors for it)"
+                ));
+            }
+            !both
+        });
         if (options.strict && !report.is_clean()) || adapters.is_empty() {
             if adapters.is_empty() && report.is_clean() {
                 report.notes.push("the file holds no LoRA tensors".into());
