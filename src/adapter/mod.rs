@@ -18,7 +18,7 @@ pub(crate) mod init;
 pub(crate) mod layout;
 pub(crate) mod linalg;
 pub(crate) mod merging;
-mod saved;
+pub(crate) mod saved;
 mod state;
 mod weights;
 

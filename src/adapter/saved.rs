@@ -3,7 +3,7 @@
 //! `trainable_token_indices`), as a copy beside the frozen original.
 
 use burn::module::{Module, Param};
-use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Shape, Tensor, TensorData};
 
 use super::layout::float_dtype;
 
@@ -62,9 +62,7 @@ impl SavedCopy {
         let shape = base.shape();
         let (height, count) = (shape[0], rows.len());
         let width = shape.num_elements() / height.max(1);
-        let device = base.device();
-        let ids: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
-        let indices = Tensor::<1, Int>::from_data(TensorData::new(ids, [count]), &device);
+        let indices = row_indices(rows, &base.device());
         let base: Tensor<2> = base.detach().reshape([height, width]);
         let values = self
             .value
@@ -87,5 +85,28 @@ impl SavedCopy {
     /// The copy in the shape of the parameter it copies.
     pub fn value_as<const D: usize>(&self, shape: Shape) -> Tensor<D> {
         self.value.val().reshape(shape)
+    }
+}
+
+/// `rows` as an index tensor on `device`.
+pub(crate) fn row_indices(rows: &[usize], device: &Device) -> Tensor<1, Int> {
+    let ids: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
+    Tensor::from_data(TensorData::new(ids, [rows.len()]), device)
+}
+
+/// Why `rows` cannot be the rows of trainable tokens of a parameter with `height` rows (an
+/// embedding's vocabulary), if they cannot: none, one twice, or one past the end.
+pub(crate) fn check_rows(rows: &[usize], height: usize) -> Result<(), String> {
+    if rows.is_empty() {
+        return Err("no token ids".into());
+    }
+    if let Some(&id) = rows.iter().find(|&&id| id >= height) {
+        return Err(format!("token id {id} is past the vocabulary of {height}"));
+    }
+    let mut sorted = rows.to_vec();
+    sorted.sort_unstable();
+    match sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        Some(pair) => Err(format!("token id {} is listed twice", pair[0])),
+        None => Ok(()),
     }
 }

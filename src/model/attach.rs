@@ -10,13 +10,14 @@
 use std::collections::HashMap;
 
 use burn::module::Module;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 
 use super::report::{AdaptedLayer, LoraReport, SavedModule, SkippedModule, TargetMatch};
 use super::snapshot::Snapshot;
 use super::survey::{Survey, module_path_of, weight_path_of};
 use crate::adapter::init::{self, Site};
 use crate::adapter::layout::{float_dtype, to_f32};
+use crate::adapter::saved::{check_rows, row_indices};
 use crate::adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit, SavedCopy};
 use crate::config::matcher::first_match;
 use crate::{LoraConfig, LoraError, Target};
@@ -331,20 +332,7 @@ fn plan_tokens(
             path: module.to_string(),
             message,
         };
-        let vocabulary = site.dims[0];
-        if tokens.indices.is_empty() {
-            return Err(invalid("no token ids".into()));
-        }
-        if let Some(&id) = tokens.indices.iter().find(|&&id| id >= vocabulary) {
-            return Err(invalid(format!(
-                "token id {id} is past the vocabulary of {vocabulary}"
-            )));
-        }
-        let mut sorted = tokens.indices.clone();
-        sorted.sort_unstable();
-        if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(invalid(format!("token id {} is listed twice", pair[0])));
-        }
+        check_rows(&tokens.indices, site.dims[0]).map_err(invalid)?;
         let taken = report.layers.iter().any(|layer| layer.path == module)
             || report.saved.iter().any(|saved| saved.path == module);
         if taken {
@@ -656,8 +644,6 @@ fn select_rows<M: Module>(
         .find(|site| site.path == path)
         .expect("copies sit on parameters of the model");
     let (height, width) = (site.dims[0], site.dims[1..].iter().product::<usize>());
-    let ids: Vec<i64> = rows.iter().map(|&row| row as i64).collect();
-    let device = flat.device();
-    let indices = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device);
+    let indices = row_indices(rows, &flat.device());
     flat.reshape([height, width]).select(0, indices)
 }

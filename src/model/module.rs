@@ -649,6 +649,7 @@ fn fold<M: Module>(model: &M, operation: Fold) -> Result<M, LoraError> {
     let token_paths: Vec<String> = snapshot
         .states
         .iter()
+        .filter(|_| operation == Fold::MergeAndUnload)
         .filter(|(_, state)| state.active_copy().is_some_and(|copy| copy.rows.is_some()))
         .map(|(path, _)| path.clone())
         .collect();

@@ -682,8 +682,14 @@ impl<B: LoraOps, C: CheckpointStrategy> LoraOps for Autodiff<B, C> {
             lora_b,
             scale,
         };
-        let (dropped, bias) = (dropped.into_option(), bias.into_option());
-        tracked_lora_linear(input, dropped, TrackedBase::Dense(weight), bias, adapter)
+        let base = TrackedBase::Dense(weight);
+        tracked_lora_linear(
+            input,
+            dropped.into_option(),
+            base,
+            bias.into_option(),
+            adapter,
+        )
     }
 
     fn quantized_lora_linear(
@@ -700,12 +706,12 @@ impl<B: LoraOps, C: CheckpointStrategy> LoraOps for Autodiff<B, C> {
             lora_b,
             scale,
         };
-        let (dropped, bias) = (dropped.into_option(), bias.into_option());
+        let base = TrackedBase::Quantized(weight);
         tracked_lora_linear(
             input,
-            dropped,
-            TrackedBase::Quantized(weight),
-            bias,
+            dropped.into_option(),
+            base,
+            bias.into_option(),
             adapter,
         )
     }

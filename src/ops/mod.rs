@@ -88,7 +88,7 @@ pub fn lora_linear<const D: usize>(
     ) {
         return extension::lora_linear(input, dropped, weight, bias, lora_a, lora_b, scale);
     }
-    lora_linear_reference(input, dropped, weight, bias, lora_a, lora_b, scale)
+    composed(input, dropped, weight, bias, lora_a, lora_b, scale)
 }
 
 /// `x·W + b`, a linear layer without adapters. Over a quantized weight on flex (a QLoRA base
@@ -153,6 +153,19 @@ pub fn lora_linear_reference<const D: usize>(
         &lora_a,
         &lora_b,
     );
+    composed(input, dropped, weight, bias, lora_a, lora_b, scale)
+}
+
+/// [`lora_linear_reference`] on operands whose shapes are checked.
+fn composed<const D: usize>(
+    input: Tensor<D>,
+    dropped: Option<Tensor<D>>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    lora_a: Tensor<2>,
+    lora_b: Tensor<2>,
+    scale: f64,
+) -> Tensor<D> {
     let dropped = dropped.unwrap_or_else(|| input.clone());
     let hidden = module::linear(dropped, lora_a, None).mul_scalar(scale);
     module::linear(input, weight, bias) + module::linear(hidden, lora_b, None)

@@ -13,6 +13,7 @@ use super::keys::{
 };
 use super::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::adapter::layout::float_dtype;
+use crate::adapter::saved::check_rows;
 use crate::error::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 use crate::model::attach::{attach_adapters, saved_module_of};
 use crate::model::snapshot::Snapshot;
@@ -615,14 +616,10 @@ impl PeftAdapter {
                 ));
                 continue;
             };
-            let (vocabulary, width) = (site.dims[0], site.dims[1]);
-            let mut sorted = ids.clone();
-            sorted.sort_unstable();
-            sorted.dedup();
-            if ids.is_empty() || sorted.len() != ids.len() || sorted.last() >= Some(&vocabulary) {
+            let width = site.dims[1];
+            if let Err(problem) = check_rows(ids, site.dims[0]) {
                 report.unexpected.push(format!(
-                    "{} (trainable_token_indices `{entry_name}` = {ids:?}: token ids must be \
-                     distinct and below the vocabulary of {vocabulary})",
+                    "{} (trainable_token_indices `{entry_name}` = {ids:?}: {problem})",
                     tensor.key
                 ));
                 continue;
