@@ -404,6 +404,38 @@ mod properties {
     }
 }
 
+/// A quantized embedding: the copied rows (in f32) replace its rows, the others read as
+/// dequantized.
+#[test]
+fn a_quantized_embedding_takes_its_rows_in_float() {
+    for (_, device) in common::devices() {
+        quantized_embedding(&device);
+    }
+}
+
+fn quantized_embedding(device: &Device) {
+    let device = device.clone();
+    device.seed(6);
+    let mut base = Tiny::new(&device);
+    let scheme = device.settings().quantization.scheme;
+    base.embed.weight = base.embed.weight.map(|w| w.quantize_dynamic(&scheme));
+    let dequantized = rows(base.embed.weight.val().dequantize());
+    let (model, _) = config(&[3]).apply(base).unwrap();
+    let model = randomize(model, "value", 0.5);
+    let output = rows(model.embed.forward(ids(&device)).reshape([8, 6]));
+    let copy = copy_rows(&model, "default");
+    for (position, id) in [0usize, 3, 5, 3, 11, 5, 7, 3].into_iter().enumerate() {
+        let expected = match id {
+            3 => &copy[0],
+            _ => &dequantized[id],
+        };
+        assert_eq!(
+            &output[position], expected,
+            "position {position}, token {id}"
+        );
+    }
+}
+
 /// A file with LoRA factors and trainable tokens for the same embedding (PEFT never writes one)
 /// is refused by a strict load, and a lenient one keeps the factors and leaves the copy out.
 #[test]
