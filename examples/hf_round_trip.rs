@@ -1,4 +1,4 @@
-//! Hugging Face → Burn → Hugging Face, for the Llama, GPT-2 and BERT fixtures.
+//! Hugging Face → Burn → Hugging Face, for the Llama, GPT-2, BERT and Mixtral fixtures.
 //!
 //! ```sh
 //! cargo run --release --example hf_round_trip -- OUT
@@ -86,6 +86,21 @@ fn main() -> Result<(), Error> {
         hf::bert::key_map(),
         hf::bert::checkpoint(),
         |model| model.forward(ids.clone(), types.clone(), mask.clone()),
+    )?;
+
+    // Mixtral's adapter also has target_parameters: LoRA on the expert banks.
+    let case = fixtures.join("mixtral");
+    let io = Io::read(&case)?;
+    let ids = io.ids("input_ids", &device)?;
+    let (base, config) = hf::mixtral::load(&case.join("base"), &device)?;
+    round_trip(
+        "mixtral",
+        &case,
+        &out,
+        base,
+        hf::mixtral::key_map(),
+        hf::mixtral::checkpoint(&config),
+        |model| model.forward(ids.clone()),
     )?;
     Ok(())
 }

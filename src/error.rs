@@ -143,6 +143,17 @@ pub enum LoraError {
         message: String,
     },
 
+    /// A parameter that [`Targets::parameters`](crate::Targets::parameters) selects but LoRA
+    /// cannot adapt as a raw parameter: neither 2-D nor 3-D, quantized, or the weight of a layer
+    /// that a module target adapts too (as PEFT refuses it).
+    #[error("target parameter `{path}`: {reason}")]
+    InvalidTargetParameter {
+        /// Parameter path.
+        path: String,
+        /// Why it cannot be adapted.
+        reason: String,
+    },
+
     /// A DoRA adapter is marked merged but the norms its merge divided by are gone (it was
     /// marked merged by hand, or the model was rebuilt from parts), so it cannot come back out.
     #[error(

@@ -24,6 +24,9 @@
 //!   written exactly ([`peft`]).
 //! - **layers**: linear layers, embeddings and 2-D convolutions ([`LayerKind`]); targets pick
 //!   them by name or by module type ([`Target::ModuleType`]).
+//! - **target parameters**: raw 2-D or 3-D parameters picked by path
+//!   ([`Targets::parameters`]), such as a mixture of experts' expert banks, where each expert
+//!   gets its own rank-`r` update ([`Adapter::experts`], [`ParamLayout`]).
 //!
 //! ## Variants
 //!
@@ -106,7 +109,8 @@ pub use adapter::{
     Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, MajoritySign, ResidualInit, SavedCopy,
 };
 pub use config::{
-    AlphaPattern, LoraConfig, LoraInit, RankPattern, Target, Targets, TrainableTokens, layer_index,
+    AlphaPattern, LoraConfig, LoraInit, ParamLayout, RankPattern, Target, Targets, TrainableTokens,
+    layer_index,
 };
 pub use error::LoraError;
 pub use layers::{LoraLinear, LoraLinearConfig, MixedBatch, nn};

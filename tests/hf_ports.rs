@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn_lora::LoraModule;
-use burn_lora::peft::{KeyMap, LoadOptions, load_adapter_with};
+use burn_lora::peft::{KeyMap, LoadOptions, SaveOptions, load_adapter_with, save_adapter_with};
 use common::{HostTensor, devices, param_ids};
 use safetensors::{Dtype, SafeTensors};
 
@@ -156,6 +156,125 @@ fn llama_gives_the_logits_of_transformers() {
             logits(&reloaded).values,
             logits(&merged_here).values,
             "{backend}: the exported checkpoint reloads exactly"
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+/// Mixtral's experts are raw 3-D parameters, which PEFT adapts with `target_parameters`: the
+/// base, PEFT's merge, and PEFT's adapter (attention projections and expert banks) loaded here
+/// all give transformers' logits, and burn-lora writes PEFT's file back exactly.
+#[test]
+fn mixtral_and_its_expert_adapter_give_the_logits_of_transformers() {
+    let io = Io::read("mixtral");
+    for (backend, device) in devices() {
+        let input_ids = io.ids("input_ids", &device);
+        let dir = case_dir("mixtral");
+        let (base, config) = hf::mixtral::load(&dir.join("base"), &device).unwrap();
+        assert_eq!(
+            (config.num_local_experts, config.num_experts_per_tok),
+            (4, 2)
+        );
+        let logits = |model: &hf::mixtral::MixtralForCausalLM| {
+            HostTensor::from(model.forward(input_ids.clone()))
+        };
+        assert_logits(
+            &format!("{backend} base"),
+            logits(&base),
+            &io.logits("base_logits"),
+        );
+        let (merged, _) = hf::mixtral::load(&dir.join("merged"), &device).unwrap();
+        assert_logits(
+            &format!("{backend} merged"),
+            logits(&merged),
+            &io.logits("merged_logits"),
+        );
+
+        let options = LoadOptions::new().with_key_map(hf::mixtral::key_map());
+        let (adapted, report) =
+            load_adapter_with(&base, dir.join("adapter"), "default", &options).unwrap();
+        assert_eq!(
+            report.loaded.len(),
+            12,
+            "{backend}: (4 projections + 2 expert banks) × 2 layers\n{report}"
+        );
+        let banks: Vec<_> = (adapted.lora_adapters().into_iter())
+            .filter(|info| info.experts == 4)
+            .map(|info| info.path)
+            .collect();
+        assert_eq!(
+            banks,
+            [
+                "layers.0.mlp.experts.gate_up_proj",
+                "layers.0.mlp.experts.down_proj",
+                "layers.1.mlp.experts.gate_up_proj",
+                "layers.1.mlp.experts.down_proj"
+            ]
+        );
+        assert_logits(
+            &format!("{backend} adapted"),
+            logits(&adapted),
+            &io.logits("adapted_logits"),
+        );
+        let merged_here = adapted.merge_and_unload_lora().unwrap();
+        assert_logits(
+            &format!("{backend} merged here"),
+            logits(&merged_here),
+            &io.logits("merged_logits"),
+        );
+        let unloaded = adapted.unload_lora().unwrap();
+        assert_eq!(
+            logits(&unloaded).values,
+            logits(&base).values,
+            "{backend}: unloading gives the base back"
+        );
+        // Exported, the merge is a checkpoint in transformers 5's fused layout (which
+        // `from_pretrained` reads too), and it reloads exactly.
+        let export = std::env::temp_dir().join(format!(
+            "burn_lora_mixtral_export_{backend}_{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&export).unwrap();
+        std::fs::copy(dir.join("base/config.json"), export.join("config.json")).unwrap();
+        hf::mixtral::checkpoint(&config)
+            .save(&merged_here, export.join("model.safetensors"))
+            .unwrap();
+        let (reloaded, _) = hf::mixtral::load(&export, &device).unwrap();
+        assert_eq!(logits(&reloaded).values, logits(&merged_here).values);
+        let _ = std::fs::remove_dir_all(&export);
+
+        // Saved back, the file is PEFT's: the same keys, shapes and values, and the same
+        // target_parameters.
+        let out = std::env::temp_dir().join(format!(
+            "burn_lora_mixtral_{backend}_{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+        let saved = save_adapter_with(
+            &adapted,
+            &out,
+            "default",
+            &SaveOptions::new().with_key_map(hf::mixtral::key_map()),
+        )
+        .unwrap();
+        // The shortest names that select exactly the adapted banks.
+        assert_eq!(
+            saved.config.target_parameters,
+            ["experts.down_proj", "experts.gate_up_proj"]
+        );
+        let tensors = |path: PathBuf| -> Vec<(String, Vec<usize>, Vec<u8>)> {
+            let bytes = std::fs::read(path).unwrap();
+            let file = SafeTensors::deserialize(&bytes).unwrap();
+            let mut tensors: Vec<_> = (file.tensors().into_iter())
+                .map(|(name, view)| (name, view.shape().to_vec(), view.data().to_vec()))
+                .collect();
+            tensors.sort();
+            tensors
+        };
+        assert_eq!(
+            tensors(out.join("adapter_model.safetensors")),
+            tensors(dir.join("adapter/adapter_model.safetensors")),
+            "{backend}: PEFT's file, written back"
         );
         let _ = std::fs::remove_dir_all(&out);
     }

@@ -20,6 +20,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_lora::peft::{load_adapter, save_adapter};
 use burn_lora::{LoraConfig, LoraError, LoraModule, LoraState, Targets};
+use common::shadow::{Shadow, Step, variant};
 use common::{HostTensor, Projections, base_data, randomize, raw_data};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, RngSeed, TestRunner};
@@ -55,6 +56,24 @@ fn name() -> impl Strategy<Value = &'static str> {
     proptest::sample::select(NAMES.to_vec())
 }
 
+/// What the shadow sees of `op`.
+fn shadow_step(op: &Op) -> Step<'_> {
+    match op {
+        Op::Add { name, .. } => Step::Add(name),
+        Op::SetActive(name) => Step::SetActive(name),
+        Op::Disable => Step::Disable,
+        Op::Enable => Step::Enable,
+        Op::Merge => Step::Merge,
+        Op::Unmerge => Step::Unmerge,
+        Op::Delete(name) => Step::Delete(name),
+        Op::SaveLoad { source, new } => Step::SaveLoad { source, new },
+        Op::Mixed(routes) => Step::Mixed {
+            names: routes.iter().flatten().copied().collect(),
+            supported: true,
+        },
+    }
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (name(), any::<bool>(), 1..=3usize)
@@ -68,124 +87,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (name(), name()).prop_map(|(source, new)| Op::SaveLoad { source, new }),
         2 => proptest::collection::vec(proptest::option::of(name()), BATCH).prop_map(Op::Mixed),
     ]
-}
-
-#[derive(Debug, Clone)]
-struct Expected {
-    name: String,
-    active: bool,
-    merged: bool,
-}
-
-#[derive(Debug, Clone)]
-struct Shadow {
-    adapters: Vec<Expected>,
-    enabled: bool,
-}
-
-impl Shadow {
-    fn knows(&self, name: &str) -> bool {
-        self.adapters.iter().any(|a| a.name == name)
-    }
-
-    fn any_merged(&self) -> bool {
-        self.adapters.iter().any(|a| a.merged)
-    }
-}
-
-/// The next state, or the `LoraError` variant the documentation names.
-fn predict(op: &Op, shadow: &Shadow) -> Result<Shadow, &'static str> {
-    if shadow.adapters.is_empty() && !matches!(op, Op::Add { .. }) {
-        return Err("NoAdapters");
-    }
-    let mut next = shadow.clone();
-    let new = |name: &str, active: bool| Expected {
-        name: name.to_string(),
-        active,
-        merged: false,
-    };
-    match op {
-        Op::Add { name, .. } => {
-            if shadow.knows(name) {
-                return Err("AdapterExists");
-            }
-            next.adapters.push(new(name, shadow.adapters.is_empty()));
-        }
-        Op::SetActive(name) => {
-            if !shadow.knows(name) {
-                return Err("UnknownAdapter");
-            }
-            if shadow.any_merged() {
-                return Err("AdaptersMerged");
-            }
-            for adapter in &mut next.adapters {
-                adapter.active = adapter.name == *name;
-            }
-        }
-        Op::Disable => {
-            if shadow.any_merged() {
-                return Err("AdaptersMerged");
-            }
-            next.enabled = false;
-        }
-        Op::Enable => next.enabled = true,
-        Op::Merge => {
-            if !shadow.enabled {
-                return Err("AdaptersDisabled");
-            }
-            let mut any = false;
-            for adapter in next.adapters.iter_mut().filter(|a| a.active && !a.merged) {
-                adapter.merged = true;
-                any = true;
-            }
-            if !any {
-                return Err("AlreadyMerged");
-            }
-        }
-        Op::Unmerge => {
-            if !shadow.any_merged() {
-                return Err("NothingMerged");
-            }
-            for adapter in &mut next.adapters {
-                adapter.merged = false;
-            }
-        }
-        Op::Delete(name) => {
-            let Some(index) = shadow.adapters.iter().position(|a| a.name == *name) else {
-                return Err("UnknownAdapter");
-            };
-            if shadow.adapters[index].active {
-                return Err("DeleteActive");
-            }
-            next.adapters.remove(index);
-        }
-        Op::SaveLoad { source, new: name } => {
-            if !shadow.knows(source) {
-                return Err("UnknownAdapter");
-            }
-            if shadow.knows(name) {
-                return Err("AdapterExists");
-            }
-            next.adapters.push(new(name, false));
-        }
-        Op::Mixed(routes) => {
-            if routes.iter().flatten().any(|n| !shadow.knows(n)) {
-                return Err("UnknownAdapter");
-            }
-            if shadow.any_merged() {
-                return Err("AdaptersMerged");
-            }
-        }
-    }
-    Ok(next)
-}
-
-fn variant(error: &LoraError) -> String {
-    format!("{error:?}")
-        .split([' ', '{', '('])
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 struct Ctx {
@@ -229,12 +130,7 @@ fn max_abs(a: &HostTensor, b: &HostTensor) -> f64 {
 }
 
 fn check(model: &Projections, shadow: &Shadow, ctx: &Ctx) -> Result<(), String> {
-    let shapes = |name: &str| {
-        shadow
-            .adapters
-            .iter()
-            .any(|a| a.name == name && (a.merged || (a.active && shadow.enabled)))
-    };
+    let shapes = |name: &str| shadow.shapes(name);
     let output = HostTensor::from(model.query.forward(ctx.x.clone()));
     let error = max_abs(&output, &reference(model, ctx, &ctx.host_x, shapes));
     if error > TOLERANCE {
@@ -311,13 +207,10 @@ fn run(ops: &[Op], case: usize) -> Result<(), String> {
         dir,
     };
     let mut model = model;
-    let mut shadow = Shadow {
-        adapters: Vec::new(),
-        enabled: true,
-    };
+    let mut shadow = Shadow::default();
     for (step, op) in ops.iter().enumerate() {
         let before = raw_data(&model);
-        let predicted = predict(op, &shadow);
+        let predicted = shadow.predict(&shadow_step(op));
         match (perform(op, &model, &ctx), predicted) {
             (Ok((next, routed)), Ok(next_shadow)) => {
                 model = next;

@@ -110,6 +110,38 @@ impl LlamaConfig {
         Ok(self.rope_theta.unwrap_or(10000.0))
     }
 
+    /// A maker of the decoder layers' self-attention: grouped-query attention with Hugging
+    /// Face's rotary embeddings, one rotary table shared by every layer (a clone shares it).
+    /// Mixtral and other Llama-like ports build theirs with it too.
+    ///
+    /// # Errors
+    ///
+    /// When the config asks for a rope scaling this port does not have.
+    pub fn self_attention(
+        &self,
+        device: &Device,
+    ) -> Result<impl Fn() -> GroupedQueryAttention + use<>, String> {
+        let attention = GroupedQueryAttentionConfig::new(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+        )
+        .with_d_head(self.head_dim)
+        .with_bias(self.attention_bias);
+        let d_head = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        let rope = RotaryConfig::new(self.max_position_embeddings)
+            .with_theta(self.rope_theta()? as f32)
+            .with_layout(RotaryLayout::Halves)
+            .init(d_head, device);
+        let device = device.clone();
+        Ok(move || GroupedQueryAttention {
+            rope: Some(rope.clone()),
+            ..attention.init(&device)
+        })
+    }
+
     /// A model with this architecture and random weights.
     ///
     /// # Errors
@@ -120,25 +152,7 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return Err(format!("hidden_act {:?} is not supported", self.hidden_act));
         }
-        let attention = GroupedQueryAttentionConfig::new(
-            self.hidden_size,
-            self.num_attention_heads,
-            self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-        )
-        .with_d_head(self.head_dim)
-        .with_bias(self.attention_bias);
-        // One rotary table for every layer: a clone shares it.
-        let d_head = self
-            .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads);
-        let rope = RotaryConfig::new(self.max_position_embeddings)
-            .with_theta(self.rope_theta()? as f32)
-            .with_layout(RotaryLayout::Halves)
-            .init(d_head, device);
-        let self_attn = || GroupedQueryAttention {
-            rope: Some(rope.clone()),
-            ..attention.init(device)
-        };
+        let self_attn = self.self_attention(device)?;
         let norm = RmsNormConfig::new(self.hidden_size).with_epsilon(self.rms_norm_eps);
         let layers = (0..self.num_hidden_layers)
             .map(|_| LlamaDecoderLayer {
@@ -212,29 +226,56 @@ impl LlamaForCausalLM {
     /// - input_ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab_size]`
     pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
-        let [batch, seq] = input_ids.dims();
-        let mask = generate_autoregressive_mask(batch, seq, &input_ids.device());
-        let x = self
-            .layers
-            .iter()
-            .fold(self.embed_tokens.forward(input_ids), |x, layer| {
-                layer.forward(x, mask.clone())
-            });
-        let hidden = self.norm.forward(x);
-        match &self.lm_head {
-            Some(lm_head) => lm_head.forward(hidden),
-            None => super::tied_logits(hidden, &self.embed_tokens),
-        }
+        causal_lm_logits(
+            input_ids,
+            &self.embed_tokens,
+            &self.layers,
+            LlamaDecoderLayer::forward,
+            &self.norm,
+            self.lm_head.as_ref(),
+        )
     }
+}
+
+/// The logits of a Llama-like causal language model: the token embeddings, each layer under the
+/// causal mask (`layer` applies one), the final norm, and the output head (`embed_tokens`'
+/// transpose when it is `None`). Mixtral's port runs through it too.
+pub fn causal_lm_logits<L>(
+    input_ids: Tensor<2, Int>,
+    embed_tokens: &Embedding,
+    layers: &[L],
+    layer: impl Fn(&L, Tensor<3>, Tensor<3, Bool>) -> Tensor<3>,
+    norm: &RmsNorm,
+    lm_head: Option<&LoraLinear>,
+) -> Tensor<3> {
+    let [batch, seq] = input_ids.dims();
+    let mask = generate_autoregressive_mask(batch, seq, &input_ids.device());
+    let x = (layers.iter()).fold(embed_tokens.forward(input_ids), |x, each| {
+        layer(each, x, mask.clone())
+    });
+    let hidden = norm.forward(x);
+    match lm_head {
+        Some(lm_head) => lm_head.forward(hidden),
+        None => super::tied_logits(hidden, embed_tokens),
+    }
+}
+
+/// `x + attn(norm(x))`, the first half of a Llama-like decoder layer; `mask` is true where a
+/// position may not look.
+pub fn attention_residual(
+    norm: &RmsNorm,
+    self_attn: &GroupedQueryAttention,
+    x: Tensor<3>,
+    mask: Tensor<3, Bool>,
+) -> Tensor<3> {
+    let attention = self_attn.forward(norm.forward(x.clone()), Some(mask), 0);
+    x + attention
 }
 
 impl LlamaDecoderLayer {
     /// Applies the layer; `mask` is true where a position may not look.
     pub fn forward(&self, x: Tensor<3>, mask: Tensor<3, Bool>) -> Tensor<3> {
-        let attention = self
-            .self_attn
-            .forward(self.input_norm.forward(x.clone()), Some(mask), 0);
-        let x = x + attention;
+        let x = attention_residual(&self.input_norm, &self.self_attn, x, mask);
         let mlp = &self.mlp;
         let hidden = mlp
             .swiglu

@@ -1,6 +1,7 @@
-//! Reference ports of three Hugging Face architectures, built from burn-lora's LoRA-ready
+//! Reference ports of four Hugging Face architectures, built from burn-lora's LoRA-ready
 //! blocks and [`LoraLinear`](burn_lora::LoraLinear): [`llama`] (`LlamaForCausalLM`), [`gpt2`]
-//! (`GPT2LMHeadModel`) and [`bert`] (`BertForSequenceClassification`).
+//! (`GPT2LMHeadModel`), [`bert`] (`BertForSequenceClassification`) and [`mixtral`]
+//! (`MixtralForCausalLM`, a mixture of experts whose expert banks are raw 3-D parameters).
 //!
 //! Each port has Burn-style module names, a [`KeyMap`](burn_lora::peft::KeyMap) from Hugging
 //! Face's names (`key_map()`: complete and invertible, so the same map loads the checkpoint,
@@ -15,6 +16,7 @@
 pub mod bert;
 pub mod gpt2;
 pub mod llama;
+pub mod mixtral;
 
 use std::path::Path;
 

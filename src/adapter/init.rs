@@ -28,6 +28,9 @@ pub(crate) struct Site<'a> {
     pub path: &'a str,
     pub adapter: &'a str,
     pub rank: usize,
+    /// The experts of an expert bank (1 otherwise): the base is `[experts·d_in, d_out]` and
+    /// each expert gets its own rank-`rank` block of `A` and `B`.
+    pub experts: usize,
     pub scale: f64,
 }
 
@@ -42,8 +45,10 @@ pub(crate) fn start(
     let (kind, rank, path, scale, adapter) =
         (site.kind, site.rank, site.path, site.scale, site.adapter);
     let device = base.device();
-    let [d_in, d_out] = base.dims();
-    let random = |distribution| Tensor::<2>::random([d_in, rank], distribution, &device);
+    let [rows, d_out] = base.dims();
+    let experts = site.experts.max(1);
+    let d_in = rows / experts;
+    let random = |distribution| Tensor::<2>::random([d_in, experts * rank], distribution, &device);
     let (lora_a, lora_b): (Tensor<2>, Tensor<2>) = match (init, kind) {
         (LoraInit::KaimingUniform | LoraInit::Gaussian, LayerKind::Embedding) => (
             Tensor::zeros([d_in, rank], &device),
@@ -52,11 +57,11 @@ pub(crate) fn start(
         (LoraInit::KaimingUniform, _) => {
             let bound = 1.0 / (d_in as f64).sqrt();
             let a = random(Distribution::Uniform(-bound, bound));
-            (a, Tensor::zeros([rank, d_out], &device))
+            (a, Tensor::zeros([experts * rank, d_out], &device))
         }
         (LoraInit::Gaussian, _) => {
             let a = random(Distribution::Normal(0.0, 1.0 / rank as f64));
-            (a, Tensor::zeros([rank, d_out], &device))
+            (a, Tensor::zeros([experts * rank, d_out], &device))
         }
         (LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora, LayerKind::Linear) => {
             let weight = linalg::from_tensor(to_f32(base.clone()));

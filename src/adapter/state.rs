@@ -19,6 +19,7 @@ use super::layout::{float_dtype, from_factor_layout, to_f32, to_factor_layout};
 use super::saved::SavedCopy;
 use super::weights::Adapter;
 use crate::LoraError;
+use crate::config::ParamLayout;
 use crate::ops;
 
 /// The adapters attached to one weight, as Burn's [`Reparameterization`].
@@ -48,6 +49,11 @@ pub struct LoraState {
     /// (a classifier head): the active adapter's copy replaces the parameter in the forward
     /// pass. A parameter holds copies or low-rank adapters, never both.
     pub copies: Vec<SavedCopy>,
+    /// The layout of the raw parameter the state sits on when
+    /// [`Targets::parameters`](crate::Targets::parameters) selected it (an expert bank), `None`
+    /// on a layer's weight.
+    #[module(skip)]
+    pub param_layout: Option<ParamLayout>,
 }
 
 impl Reparameterization for LoraState {
@@ -65,7 +71,10 @@ impl Reparameterization for LoraState {
         }
         // DoRA needs the base itself; plain LoRA only its shape.
         let stored = match self.contributing().any(Adapter::is_dora) {
-            true => Some(to_f32(to_factor_layout(base.clone().detach()))),
+            true => Some(to_f32(to_factor_layout(
+                base.clone().detach(),
+                self.param_layout,
+            ))),
             false => None,
         };
         let update = self
@@ -77,7 +86,8 @@ impl Reparameterization for LoraState {
             .reduce(|sum, update| sum + update)
             .expect("a contributing adapter");
         let dtype = float_dtype(base.dtype());
-        let update: Tensor<D> = from_factor_layout(update.cast(dtype), base.shape());
+        let update: Tensor<D> =
+            from_factor_layout(update.cast(dtype), base.shape(), self.param_layout);
         base + update
     }
 }
@@ -91,6 +101,15 @@ impl LoraState {
             merged_base: None,
             merged_bias: None,
             copies: Vec::new(),
+            param_layout: None,
+        }
+    }
+
+    /// The state with the layout of the raw parameter it sits on.
+    pub(crate) fn with_param_layout(self, param_layout: Option<ParamLayout>) -> Self {
+        Self {
+            param_layout,
+            ..self
         }
     }
 

@@ -55,6 +55,12 @@ pub struct Adapter {
     /// For a merged DoRA adapter: the norms `‖W + s·A·B‖` per output feature that the merge
     /// divided by, which unmerging multiplies back (as PEFT caches them).
     pub merged_norm: Option<Tensor<1>>,
+    /// The number of experts `E` of the expert bank the adapter adapts (a 3-D parameter that
+    /// [`Targets::parameters`](crate::Targets::parameters) selects), 1 for any other weight.
+    /// Each expert `e` has its own rank-`r` update from columns `e·r..(e+1)·r` of `A`
+    /// (`[d_in, E·r]`) and the same rows of `B` (`[E·r, d_out]`), and the delta stacks the
+    /// experts' `[d_in, d_out]` updates into `[E·d_in, d_out]`.
+    pub experts: usize,
     /// For an adapter that started from the base's own directions (PiSSA, OLoRA): the factors
     /// it started from, whose `s·A₀·B₀` was taken out of the base. Saving to PEFT files turns
     /// the adapter into a plain delta against the original base with them.
@@ -105,8 +111,15 @@ impl Adapter {
             trainable: true,
             merged: false,
             merged_norm: None,
+            experts: 1,
             residual_init: None,
         }
+    }
+
+    /// The adapter of an expert bank of `experts` experts ([`experts`](Self::experts)): its
+    /// factors must hold `experts` blocks of the rank.
+    pub(crate) fn with_experts(self, experts: usize) -> Self {
+        Self { experts, ..self }
     }
 
     /// The adapter with DoRA's magnitude `m: [d_out]`.
@@ -139,12 +152,13 @@ impl Adapter {
         }
     }
 
-    /// The rank `r`: the number of columns of `A`.
+    /// The rank `r`: the number of columns of `A` (per expert, for an expert bank).
     pub fn rank(&self) -> usize {
-        self.lora_a.lazy_shape().dims::<2>()[1]
+        self.lora_a.lazy_shape().dims::<2>()[1] / self.experts.max(1)
     }
 
-    /// The low-rank update `scale · A · B`, of shape `[d_in, d_out]`, computed in f32.
+    /// The low-rank update `scale · A · B`, of shape `[d_in, d_out]`, computed in f32 (for an
+    /// expert bank, each expert's `scale · A_e · B_e` stacked into `[E·d_in, d_out]`).
     ///
     /// This is plain LoRA's merge delta; the fast forward path never needs it. A DoRA adapter
     /// changes the weight by more than this: see [`weight_update`](Self::weight_update).
@@ -170,9 +184,18 @@ impl Adapter {
     /// `factor · scale · A · B` in f32. The factor goes on `A` (`[d_in, r]`) before the
     /// product, so no pass over a weight-sized tensor is spent on scaling.
     pub(crate) fn scaled_delta(&self, factor: f64) -> Tensor<2> {
-        let a = to_f32(self.lora_a.val());
+        let a = to_f32(self.lora_a.val()).mul_scalar(self.scale * factor);
         let b = to_f32(self.lora_b.val());
-        a.mul_scalar(self.scale * factor).matmul(b)
+        if self.experts <= 1 {
+            return a.matmul(b);
+        }
+        // One batched product over the experts: [E, d_in, r] · [E, r, d_out].
+        let (experts, rank) = (self.experts, self.rank());
+        let [d_in, _] = a.dims();
+        let [_, d_out] = b.dims();
+        let a = a.reshape([d_in, experts, rank]).swap_dims(0, 1);
+        let b = b.reshape([experts, rank, d_out]);
+        a.matmul(b).reshape([experts * d_in, d_out])
     }
 
     /// The adapter's contribution `scale · ((dropout(x)·A)·B + b_B)` for activations
@@ -309,7 +332,8 @@ impl Adapter {
     /// unchanged, the alpha restated for the new rank, and the parameters keeping their ids
     /// with the new shapes (`[d_in, rank]`, `[rank, d_out]`).
     pub(crate) fn padded(self, rank: usize) -> Self {
-        let (lora_a, lora_b) = pad_factors(self.lora_a.val(), self.lora_b.val(), rank);
+        let experts = self.experts;
+        let (lora_a, lora_b) = pad_factors(self.lora_a.val(), self.lora_b.val(), rank, experts);
         let trainable = self.trainable;
         Self {
             lora_a: self.lora_a.map(|_| lora_a).set_require_grad(trainable),
@@ -324,7 +348,8 @@ impl Adapter {
     /// shapes, and its name, flags and dropout stay.
     pub(crate) fn swapped(self, other: Adapter) -> Self {
         let rank = self.rank();
-        let (lora_a, lora_b) = pad_factors(other.lora_a.val(), other.lora_b.val(), rank);
+        let (lora_a, lora_b) =
+            pad_factors(other.lora_a.val(), other.lora_b.val(), rank, self.experts);
         let trainable = self.trainable;
         let magnitude = match (self.magnitude, other.magnitude) {
             (Some(mine), Some(theirs)) => {
@@ -356,22 +381,31 @@ impl Adapter {
     }
 }
 
-/// `A: [d_in, r]` and `B: [r, d_out]` with zero columns and rows appended up to `rank`, in
-/// their dtype: `A·B` is unchanged.
-fn pad_factors(lora_a: Tensor<2>, lora_b: Tensor<2>, rank: usize) -> (Tensor<2>, Tensor<2>) {
-    let [d_in, r] = lora_a.dims();
+/// `A: [d_in, E·r]` and `B: [E·r, d_out]` with zeros appended to each of the `experts` blocks
+/// up to `rank` (columns of `A`, rows of `B`), in their dtype: every `A_e·B_e` is unchanged.
+fn pad_factors(
+    lora_a: Tensor<2>,
+    lora_b: Tensor<2>,
+    rank: usize,
+    experts: usize,
+) -> (Tensor<2>, Tensor<2>) {
+    let experts = experts.max(1);
+    let [d_in, columns] = lora_a.dims();
     let [_, d_out] = lora_b.dims();
+    let r = columns / experts;
     if rank <= r {
         return (lora_a, lora_b);
     }
     let device = lora_a.device();
-    let zeros = |shape: [usize; 2], like: &Tensor<2>| {
-        Tensor::<2>::zeros(shape, &device).cast(float_dtype(like.dtype()))
+    let zeros = |shape: [usize; 3], like: &Tensor<2>| {
+        Tensor::<3>::zeros(shape, &device).cast(float_dtype(like.dtype()))
     };
-    let extra_a = zeros([d_in, rank - r], &lora_a);
-    let extra_b = zeros([rank - r, d_out], &lora_b);
+    let extra_a = zeros([d_in, experts, rank - r], &lora_a);
+    let extra_b = zeros([experts, rank - r, d_out], &lora_b);
+    let lora_a = Tensor::cat(vec![lora_a.reshape([d_in, experts, r]), extra_a], 2);
+    let lora_b = Tensor::cat(vec![lora_b.reshape([experts, r, d_out]), extra_b], 1);
     (
-        Tensor::cat(vec![lora_a, extra_a], 1),
-        Tensor::cat(vec![lora_b, extra_b], 0),
+        lora_a.reshape([d_in, experts * rank]),
+        lora_b.reshape([experts * rank, d_out]),
     )
 }

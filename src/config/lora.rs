@@ -178,7 +178,7 @@ impl LoraConfig {
                 dropout: self.dropout,
             });
         }
-        if self.targets.include.is_empty() {
+        if self.targets.include.is_empty() && self.targets.parameters.is_empty() {
             return Err(LoraError::NoTargets);
         }
         for pattern in &self.rank_pattern {

@@ -137,6 +137,7 @@ impl Targets {
             targets.iter().map(Target::compile).collect()
         };
         Ok(CompiledTargets {
+            parameters: compile_all(&self.parameters)?,
             include: compile_all(&self.include)?,
             exclude: compile_all(&self.exclude)?,
             layers_to_transform: self.layers_to_transform.clone(),
@@ -148,6 +149,7 @@ impl Targets {
 /// [`Targets`] with every regex compiled.
 #[derive(Debug, Clone)]
 pub(crate) struct CompiledTargets {
+    parameters: Vec<CompiledTarget>,
     include: Vec<CompiledTarget>,
     exclude: Vec<CompiledTarget>,
     layers_to_transform: Option<Vec<usize>>,
@@ -174,6 +176,16 @@ impl CompiledTargets {
             return None;
         }
         Some(hits)
+    }
+
+    /// The indices of the `parameters` targets that select the parameter at `path`, or `None`
+    /// when none does.
+    pub(crate) fn included_parameter(&self, path: &str) -> Option<Vec<usize>> {
+        let hits: Vec<usize> = (self.parameters.iter().enumerate())
+            .filter(|(_, target)| target.matches_module(path, ""))
+            .map(|(index, _)| index)
+            .collect();
+        (!hits.is_empty()).then_some(hits)
     }
 
     fn in_selected_layer(&self, path: &str) -> bool {

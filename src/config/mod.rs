@@ -10,4 +10,4 @@ pub(crate) mod scaling;
 mod targets;
 
 pub use lora::{AlphaPattern, LoraConfig, LoraInit, RankPattern, TrainableTokens};
-pub use targets::{Target, Targets, layer_index};
+pub use targets::{ParamLayout, Target, Targets, layer_index};

@@ -13,6 +13,11 @@
 //!   layers with the given indices, read from the path segment after
 //!   [`Targets::layers_pattern`] (`layers.3`, `h.3`, `blocks.3`).
 //!
+//! - [`Targets::parameters`] selects raw parameters by their path (`<module>.<parameter>`),
+//!   PEFT's `target_parameters`: the expert banks of a mixture of experts, 3-D parameters that
+//!   no linear layer owns. [`Targets::parameter_layout`] says which axis of such a parameter is
+//!   its input.
+//!
 //! This file holds the targets as data; `matcher` compiles them. It knows about paths and
 //! nothing about tensors.
 
@@ -73,8 +78,23 @@ impl Target {
     }
 }
 
+/// How a targeted parameter ([`Targets::parameters`]) stores its weights: which of its last two
+/// axes is the input. A 3-D parameter is a bank of experts, one `[d_out, d_in]` or `[d_in, d_out]`
+/// matrix per expert along its first axis.
+#[derive(Config, Debug, PartialEq, Copy, Eq, Hash)]
+pub enum ParamLayout {
+    /// `[experts, d_out, d_in]`, or `[d_out, d_in]` for a 2-D parameter: PyTorch's `nn.Linear`
+    /// orientation, which most transformers mixtures of experts use (Mixtral, Qwen-MoE,
+    /// OLMoE...) and a port that loads their checkpoints keeps. PEFT's default (the module's
+    /// `is_transposed` is false).
+    OutIn,
+    /// `[experts, d_in, d_out]`, or `[d_in, d_out]`: Burn's `Linear` orientation, and that of
+    /// the mixtures of experts whose module sets `is_transposed` in transformers (GPT-OSS).
+    InOut,
+}
+
 /// The modules to adapt: PEFT's `target_modules`, `exclude_modules`, `layers_to_transform` and
-/// `layers_pattern`.
+/// `layers_pattern`, and the raw parameters to adapt: PEFT's `target_parameters`.
 ///
 /// Build it from names, or start from a preset:
 ///
@@ -118,6 +138,18 @@ pub struct Targets {
     /// segment after one of them. `None` takes the first numeric segment of the path.
     #[config(default = "None")]
     pub layers_pattern: Option<Vec<String>>,
+    /// Raw parameters to adapt, by parameter path (`layers.0.mlp.experts.gate_up_proj`): PEFT's
+    /// `target_parameters`. A [`Target::Name`] matches the path exactly or as a dotted suffix
+    /// (`mlp.experts.gate_up_proj`), a [`Target::Regex`] the whole path. A matched parameter is
+    /// 2-D (one matrix) or 3-D (a bank of experts, each getting its own rank-`r` update), and
+    /// its update composes densely through `Param::val()`, as PEFT's `ParamWrapper` does:
+    /// no dropout, DoRA, `lora_bias` or PiSSA/OLoRA init. `exclude` and
+    /// `layers_to_transform` do not apply to parameters.
+    #[config(default = "Vec::new()")]
+    pub parameters: Vec<Target>,
+    /// How the [`parameters`](Self::parameters) store their weights.
+    #[config(default = "ParamLayout::OutIn")]
+    pub parameter_layout: ParamLayout,
 }
 
 impl Targets {
@@ -128,6 +160,31 @@ impl Targets {
         S: Into<String>,
     {
         Self::new(
+            names
+                .into_iter()
+                .map(|name| Target::Name(name.into()))
+                .collect(),
+        )
+    }
+
+    /// Raw parameters from their names (PEFT's `target_parameters`), each matched exactly or as
+    /// a dotted suffix of a parameter path, and no module targets. For both, build
+    /// `Targets::new(modules).with_parameters(parameters)`.
+    ///
+    /// ```
+    /// use burn_lora::{ParamLayout, Targets};
+    ///
+    /// // Every expert of every layer's mixture of experts, as transformers' Mixtral stores them.
+    /// let experts = Targets::parameter_names(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    ///     .with_parameter_layout(ParamLayout::OutIn);
+    /// assert_eq!(experts.parameters.len(), 2);
+    /// ```
+    pub fn parameter_names<I, S>(names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::new(Vec::new()).with_parameters(
             names
                 .into_iter()
                 .map(|name| Target::Name(name.into()))

@@ -14,11 +14,12 @@ use burn::tensor::{DType, Tensor};
 
 use super::report::{AdaptedLayer, LoraReport, SavedModule, SkippedModule, TargetMatch};
 use super::snapshot::Snapshot;
-use super::survey::{Survey, module_path_of, weight_path_of};
+use super::survey::{Survey, module_path_of};
 use crate::adapter::init::{self, Site};
-use crate::adapter::layout::{float_dtype, to_f32};
+use crate::adapter::layout::{float_dtype, param_dims, to_f32};
 use crate::adapter::saved::{check_rows, row_indices};
 use crate::adapter::{Adapter, DEFAULT_ADAPTER, LayerKind, LoraState, ResidualInit, SavedCopy};
+use crate::config::ParamLayout;
 use crate::config::matcher::first_match;
 use crate::{LoraConfig, LoraError, Target};
 
@@ -123,6 +124,11 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
         .iter()
         .map(|target| (target, target.label()))
         .collect();
+    let parameter_offset = patterns.len();
+    patterns.extend(
+        (config.targets.parameters.iter())
+            .map(|target| (target, format!("parameter {}", target.label()))),
+    );
     let labelled =
         |kind: &str, target: &Target, value: String| format!("{kind} {} ({value})", target.label());
     let rank_offset = patterns.len();
@@ -207,6 +213,77 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
             alpha,
             dora: config.use_dora,
             fast_path: site.owner == "LoraLinear",
+            experts: 1,
+            param_layout: None,
+        });
+    }
+    // Raw parameters (PEFT's target_parameters), after the layers so that a clash is seen.
+    for site in &survey.params {
+        let Some(hits) = targets.included_parameter(&site.path) else {
+            continue;
+        };
+        let path = site.path.as_str();
+        let invalid = |reason: String| LoraError::InvalidTargetParameter {
+            path: path.to_string(),
+            reason,
+        };
+        let layout = config.targets.parameter_layout;
+        let Some((experts, d_in, d_out)) = param_dims(&site.dims, layout) else {
+            return Err(invalid(format!(
+                "it has shape {:?}; LoRA adapts 2-D and 3-D parameters (one matrix or a bank \
+                 of experts)",
+                site.dims
+            )));
+        };
+        if site.quantized {
+            return Err(invalid(
+                "it is quantized; a raw parameter's update composes densely, which a quantized \
+                 value cannot take"
+                    .into(),
+            ));
+        }
+        if report
+            .layers
+            .iter()
+            .any(|layer| layer.param_path() == site.path)
+        {
+            return Err(invalid(
+                "its layer is a module target too; target the layer or the parameter".into(),
+            ));
+        }
+        let mut matched: Vec<usize> = hits.iter().map(|hit| parameter_offset + hit).collect();
+        let rank = match first_match(&rank_patterns, path, &site.owner) {
+            Some((index, rank)) => {
+                matched.push(rank_offset + index);
+                rank
+            }
+            None => config.rank,
+        };
+        let alpha = match first_match(&alpha_patterns, path, &site.owner) {
+            Some((index, alpha)) => {
+                matched.push(alpha_offset + index);
+                alpha
+            }
+            None => config.effective_alpha(),
+        };
+        if rank > d_in.min(d_out) {
+            return Err(LoraError::rank_too_large(path, rank, d_in, d_out));
+        }
+        for index in matched {
+            report.targets[index].matched.push(path.to_string());
+        }
+        report.layers.push(AdaptedLayer {
+            path: path.to_string(),
+            module_type: site.owner.clone(),
+            kind: LayerKind::Parameter,
+            d_in,
+            d_out,
+            rank,
+            alpha,
+            dora: config.use_dora,
+            fast_path: false,
+            experts,
+            param_layout: Some(layout),
         });
     }
     plan_saved(config, survey, &mut report)?;
@@ -215,7 +292,7 @@ fn plan_survey(config: &LoraConfig, survey: &Survey) -> Result<LoraReport, LoraE
     let planned: Vec<String> = report
         .layers
         .iter()
-        .map(|l| weight_path_of(&l.path))
+        .map(AdaptedLayer::param_path)
         .chain(report.saved.iter().flat_map(|saved| saved.params.clone()))
         .collect();
     if let Some(paths) = survey
@@ -429,10 +506,13 @@ pub(crate) fn add_adapter<M: Module>(
     snapshot.require_new_name(name)?;
     let report = plan_survey(config, &snapshot.survey)?;
     let first = !snapshot.is_adapted();
-    let weight_paths: Vec<String> = report
-        .layers
-        .iter()
-        .map(|layer| weight_path_of(&layer.path))
+    let weight_paths: Vec<String> = report.layers.iter().map(AdaptedLayer::param_path).collect();
+    let layouts: HashMap<String, ParamLayout> = (report.layers.iter())
+        .filter_map(|layer| {
+            layer
+                .param_layout
+                .map(|layout| (layer.param_path(), layout))
+        })
         .collect();
     snapshot.refuse_beside_residual("another adapter beside it", name)?;
     if config.init.rewrites_base() {
@@ -451,7 +531,7 @@ pub(crate) fn add_adapter<M: Module>(
             });
         }
     }
-    let bases = snapshot.bases(&weight_paths);
+    let bases = snapshot.bases_in(&weight_paths, &layouts);
     let mut adapters = Vec::with_capacity(report.layers.len());
     let mut residuals = HashMap::new();
     for (layer, path) in report.layers.iter().zip(&weight_paths) {
@@ -470,7 +550,11 @@ pub(crate) fn add_adapter<M: Module>(
         if let Some(residual) = residual {
             residuals.insert(path.clone(), residual.cast(float_dtype(base.dtype())));
         }
-        adapters.push((path.clone(), adapter.with_trainable(first)));
+        adapters.push((
+            path.clone(),
+            adapter.with_trainable(first),
+            layer.param_layout,
+        ));
         progress(&InitProgress {
             done: adapters.len(),
             total: report.layers.len(),
@@ -529,16 +613,16 @@ pub(crate) fn add_adapter<M: Module>(
 /// first adapters of a model freeze every base parameter.
 pub(crate) fn attach_adapters<M: Module>(
     snapshot: Snapshot<M>,
-    adapters: Vec<(String, Adapter)>,
+    adapters: Vec<(String, Adapter, Option<ParamLayout>)>,
     copies: Vec<(String, SavedCopy)>,
     bases: HashMap<String, Tensor<2>>,
 ) -> M {
     let first = !snapshot.is_adapted();
     let mut states: HashMap<String, LoraState> = snapshot.states.iter().cloned().collect();
-    for (path, adapter) in adapters {
+    for (path, adapter, layout) in adapters {
         states
             .entry(path)
-            .or_insert_with(|| LoraState::new(Vec::new()))
+            .or_insert_with(|| LoraState::new(Vec::new()).with_param_layout(layout))
             .adapters
             .push(Adapter {
                 active: first,
@@ -568,6 +652,23 @@ fn new_adapter(
 ) -> Result<(Adapter, Option<Tensor<2>>), LoraError> {
     let scale = config.scale_for(layer.rank, layer.alpha);
     let dtype = float_dtype(base.dtype());
+    if layer.kind == LayerKind::Parameter {
+        // PEFT's ParamWrapper refuses the same: the update composes into the parameter, so
+        // there is no input to drop out, no output to add a bias to, no norm per output.
+        let refused = [
+            (config.dropout > 0.0, "lora_dropout"),
+            (config.use_dora, "DoRA"),
+            (config.lora_bias, "lora_bias"),
+            (config.init.rewrites_base(), "a PiSSA or OLoRA init"),
+        ];
+        if let Some((_, what)) = refused.into_iter().find(|(refused, _)| *refused) {
+            return Err(LoraError::UnsupportedVariant {
+                what: format!("{what} on a raw parameter (target_parameters)"),
+                path: layer.path.clone(),
+                adapter: name.to_string(),
+            });
+        }
+    }
     if config.lora_bias {
         let refused = match (config.use_dora, layer.fast_path) {
             (true, _) => Some("lora_bias with DoRA (PEFT does not support it either)".to_string()),
@@ -591,6 +692,7 @@ fn new_adapter(
         path: &layer.path,
         adapter: name,
         rank: layer.rank,
+        experts: layer.experts,
         scale,
     };
     let start = init::start(config.init, &site, base, dtype)?;
@@ -609,7 +711,8 @@ fn new_adapter(
         config.use_rslora,
         config.dropout,
     )
-    .with_residual_init(residual_init);
+    .with_residual_init(residual_init)
+    .with_experts(layer.experts);
     let adapter = match config.lora_bias {
         true => {
             let zeros = Tensor::<1>::zeros([layer.d_out], &base.device()).cast(dtype);

@@ -22,12 +22,14 @@ use crate::{LoraConfig, LoraError};
 /// A summary of one adapter on one weight, from [`LoraModule::lora_adapters`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterInfo {
-    /// Module path of the adapted layer.
+    /// Module path of the adapted layer, or the parameter path of an adapted raw parameter.
     pub path: String,
     /// Name of the adapter.
     pub name: String,
-    /// Its rank.
+    /// Its rank (each expert's, for an expert bank).
     pub rank: usize,
+    /// The experts of the expert bank it adapts, each with its own update; 1 for a layer.
+    pub experts: usize,
     /// Its scale, `alpha / r` or `alpha / √r`.
     pub scale: f64,
     /// Whether it takes part in the forward pass.
@@ -263,10 +265,15 @@ impl<M: Module> LoraModule for M {
         let mut infos = Vec::new();
         for (path, state) in &snapshot.states {
             for adapter in &state.adapters {
+                let path = match state.param_layout {
+                    Some(_) => path.as_str(),
+                    None => module_path_of(path),
+                };
                 infos.push(AdapterInfo {
-                    path: module_path_of(path).to_string(),
+                    path: path.to_string(),
                     name: adapter.name.clone(),
                     rank: adapter.rank(),
+                    experts: adapter.experts,
                     scale: adapter.scale,
                     active: adapter.active && state.enabled,
                     trainable: adapter.trainable,
@@ -500,6 +507,15 @@ impl<M: Module> LoraModule for M {
         )?;
         for (path, state) in &snapshot.states {
             let source = |adapter: &&Adapter| adapters.iter().any(|(s, _)| *s == adapter.name);
+            if let Some(adapter) =
+                (state.adapters.iter().filter(source)).find(|_| state.param_layout.is_some())
+            {
+                return Err(LoraError::UnsupportedVariant {
+                    what: "combining adapters of raw parameters (target_parameters)".into(),
+                    path: path.clone(),
+                    adapter: adapter.name.clone(),
+                });
+            }
             if let Some(adapter) = state
                 .adapters
                 .iter()
@@ -522,7 +538,7 @@ impl<M: Module> LoraModule for M {
             if let Some((adapter, layer)) =
                 combine::combine(module_path_of(path), state, adapters, name, combination)?
             {
-                combined.push((path.clone(), adapter));
+                combined.push((path.clone(), adapter, state.param_layout));
                 report.layers.push(layer);
             }
         }
@@ -543,6 +559,19 @@ impl<M: Module> LoraModule for M {
             |_| true,
             "a mixed batch on a model with modules_to_save (one copy of a module serves a batch)",
         )?;
+        // A raw parameter's update is composed into the parameter, one for the whole batch.
+        if let Some((path, adapter)) = (snapshot.states.iter())
+            .filter(|(_, state)| state.param_layout.is_some())
+            .find_map(|(path, state)| state.adapters.first().map(|adapter| (path, adapter)))
+        {
+            return Err(LoraError::UnsupportedVariant {
+                what: "a mixed batch on a model with adapted raw parameters (target_parameters; \
+                       one composed parameter serves a batch)"
+                    .into(),
+                path: path.clone(),
+                adapter: adapter.name.clone(),
+            });
+        }
         let device = snapshot
             .states
             .iter()

@@ -3,12 +3,16 @@
 
 use core::fmt;
 
+use super::survey::weight_path_of;
 use crate::adapter::LayerKind;
+use crate::config::ParamLayout;
 
-/// One layer (linear, embedding or convolution) that gets (or got) an adapter.
+/// One layer (linear, embedding or convolution) or raw parameter (an expert bank) that gets (or
+/// got) an adapter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaptedLayer {
-    /// Module path of the layer, e.g. `encoder.layers.0.mha.query`.
+    /// Module path of the layer, e.g. `encoder.layers.0.mha.query`; for a raw parameter, its
+    /// parameter path, e.g. `layers.0.mlp.experts.gate_up_proj`.
     pub path: String,
     /// The layer's type, e.g. `Linear` or `LoraLinear`.
     pub module_type: String,
@@ -28,17 +32,33 @@ pub struct AdaptedLayer {
     /// Whether the layer takes the activation path ([`LoraLinear`](crate::LoraLinear)) rather
     /// than composing a dense weight on every forward.
     pub fast_path: bool,
+    /// For a raw parameter ([`LayerKind::Parameter`]): the number of experts `E` along its
+    /// first axis (1 for a 2-D parameter), each with its own rank-`rank` update of
+    /// `d_in × d_out`. 1 for a layer.
+    pub experts: usize,
+    /// For a raw parameter: the layout it is stored in. `None` for a layer.
+    pub param_layout: Option<ParamLayout>,
 }
 
 impl AdaptedLayer {
-    /// Values in the frozen weight, `d_in · d_out`.
+    /// Values in the frozen weight, `experts · d_in · d_out`.
     pub fn weight_params(&self) -> usize {
-        self.d_in * self.d_out
+        self.experts * self.d_in * self.d_out
     }
 
-    /// Values the adapter trains, `rank · (d_in + d_out)`, plus `d_out` magnitudes for DoRA.
+    /// Values the adapter trains, `experts · rank · (d_in + d_out)`, plus `d_out` magnitudes for
+    /// DoRA.
     pub fn adapter_params(&self) -> usize {
-        self.rank * (self.d_in + self.d_out) + if self.dora { self.d_out } else { 0 }
+        self.experts * self.rank * (self.d_in + self.d_out) + if self.dora { self.d_out } else { 0 }
+    }
+
+    /// The path of the parameter the adapter sits on: the layer's `weight`, or the raw
+    /// parameter itself (whose path [`path`](Self::path) is).
+    pub fn param_path(&self) -> String {
+        match self.kind {
+            LayerKind::Parameter => self.path.clone(),
+            _ => weight_path_of(&self.path),
+        }
     }
 }
 
@@ -174,7 +194,11 @@ impl fmt::Display for LoraReport {
                 "{:<path_width$}  {:<10}  {:>12}  {:>4}  {:>6}  {:>10}  {}",
                 layer.path,
                 layer.module_type,
-                format!("[{}, {}]", layer.d_in, layer.d_out),
+                match layer.experts {
+                    1 => format!("[{}, {}]", layer.d_in, layer.d_out),
+                    // An expert bank: each expert's [d_in, d_out], and how many there are.
+                    experts => format!("{experts}×[{}, {}]", layer.d_in, layer.d_out),
+                },
                 layer.rank,
                 layer.alpha,
                 thousands(layer.adapter_params()),
@@ -265,6 +289,8 @@ mod tests {
             alpha: rank as f64,
             dora: false,
             fast_path: false,
+            experts: 1,
+            param_layout: None,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::LoraError;
 use crate::adapter::capture::capturing;
 use crate::adapter::layout::{from_factor_layout, to_factor_layout};
 use crate::adapter::{Adapter, LoraState, SavedCopy};
+use crate::config::ParamLayout;
 
 /// A model taken apart: the plain model, and its LoRA states keyed by weight path.
 pub(crate) struct Snapshot<M> {
@@ -204,13 +205,31 @@ impl<M: Module> Snapshot<M> {
     }
 
     /// The stored values of the adaptable weights at `paths`, read from the plain model, in the
-    /// factor layout `[d_in, d_out]`.
+    /// factor layout `[d_in, d_out]` (a targeted raw parameter in the layout its state records).
     pub fn bases<'a>(
         &self,
         paths: impl IntoIterator<Item = &'a String>,
     ) -> HashMap<String, Tensor<2>> {
+        self.bases_in(paths, &HashMap::new())
+    }
+
+    /// [`bases`](Self::bases), with the layouts of raw parameters that carry no state yet.
+    pub fn bases_in<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a String>,
+        layouts: &HashMap<String, ParamLayout>,
+    ) -> HashMap<String, Tensor<2>> {
         let paths: Vec<&String> = paths.into_iter().collect();
-        collect::<M, FactorLayout>(&self.plain, &paths)
+        let mut known = self.param_layouts();
+        known.extend(layouts.iter().map(|(path, layout)| (path.clone(), *layout)));
+        collect::<M, FactorLayout>(&self.plain, &paths, &known)
+    }
+
+    /// The layouts of the raw parameters that carry a state, by parameter path.
+    fn param_layouts(&self) -> HashMap<String, ParamLayout> {
+        (self.states.iter())
+            .filter_map(|(path, state)| state.param_layout.map(|layout| (path.clone(), layout)))
+            .collect()
     }
 
     /// Attach `states` (weight path → state; states without adapters are dropped) and replace
@@ -235,12 +254,19 @@ impl<M: Module> Snapshot<M> {
         replacements: HashMap<String, Tensor<1>>,
         freeze_base: bool,
     ) -> M {
-        let states = states
+        let mut layouts = self.param_layouts();
+        let states: HashMap<String, LoraState> = states
             .into_iter()
             .filter(|(_, state)| !state.is_empty())
             .collect();
+        layouts.extend(
+            (states.iter()).filter_map(|(path, state)| {
+                state.param_layout.map(|layout| (path.clone(), layout))
+            }),
+        );
         self.plain.apply_reparameterization(Reattach {
             states,
+            layouts,
             bases,
             replacements,
             freeze_base,
@@ -253,7 +279,7 @@ impl<M: Module> Snapshot<M> {
         paths: impl IntoIterator<Item = &'a String>,
     ) -> HashMap<String, Tensor<1>> {
         let paths: Vec<&String> = paths.into_iter().collect();
-        collect::<M, Flat>(&self.plain, &paths)
+        collect::<M, Flat>(&self.plain, &paths, &HashMap::new())
     }
 }
 
@@ -261,17 +287,22 @@ impl<M: Module> Snapshot<M> {
 trait Take {
     /// What it keeps.
     type Out;
-    /// The kept form of `value`, or `None` to leave the parameter out.
-    fn take<const D: usize>(value: Tensor<D>) -> Option<Self::Out>;
+    /// The kept form of `value` (`layout` when it is a targeted raw parameter), or `None` to
+    /// leave the parameter out.
+    fn take<const D: usize>(value: Tensor<D>, layout: Option<ParamLayout>) -> Option<Self::Out>;
 }
 
-/// Adaptable weights (2-D and 4-D), in the factor layout `[d_in, d_out]`.
+/// Adaptable weights (2-D and 4-D, and targeted raw parameters), in the factor layout
+/// `[d_in, d_out]`.
 struct FactorLayout;
 
 impl Take for FactorLayout {
     type Out = Tensor<2>;
-    fn take<const D: usize>(value: Tensor<D>) -> Option<Tensor<2>> {
-        matches!(D, 2 | 4).then(|| to_factor_layout(value))
+    fn take<const D: usize>(value: Tensor<D>, layout: Option<ParamLayout>) -> Option<Tensor<2>> {
+        match layout {
+            Some(_) => matches!(D, 2 | 3).then(|| to_factor_layout(value, layout)),
+            None => matches!(D, 2 | 4).then(|| to_factor_layout(value, None)),
+        }
     }
 }
 
@@ -280,16 +311,21 @@ struct Flat;
 
 impl Take for Flat {
     type Out = Tensor<1>;
-    fn take<const D: usize>(value: Tensor<D>) -> Option<Tensor<1>> {
+    fn take<const D: usize>(value: Tensor<D>, _: Option<ParamLayout>) -> Option<Tensor<1>> {
         let count = value.shape().num_elements();
         Some(value.reshape([count]))
     }
 }
 
 /// The stored values of the parameters at `paths`, in the form `T` takes.
-fn collect<M: Module, T: Take>(model: &M, paths: &[&String]) -> HashMap<String, T::Out> {
+fn collect<M: Module, T: Take>(
+    model: &M,
+    paths: &[&String],
+    layouts: &HashMap<String, ParamLayout>,
+) -> HashMap<String, T::Out> {
     struct Collector<'a, T: Take> {
         paths: &'a [&'a String],
+        layouts: &'a HashMap<String, ParamLayout>,
         stack: PathStack,
         values: HashMap<String, T::Out>,
     }
@@ -303,7 +339,7 @@ fn collect<M: Module, T: Take>(model: &M, paths: &[&String]) -> HashMap<String, 
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let path = self.stack.path();
             if self.paths.contains(&&path)
-                && let Some(value) = T::take(param.val())
+                && let Some(value) = T::take(param.val(), self.layouts.get(&path).copied())
             {
                 self.values.insert(path, value);
             }
@@ -311,6 +347,7 @@ fn collect<M: Module, T: Take>(model: &M, paths: &[&String]) -> HashMap<String, 
     }
     let mut collector = Collector::<T> {
         paths,
+        layouts,
         stack: PathStack::default(),
         values: HashMap::new(),
     };
@@ -321,6 +358,8 @@ fn collect<M: Module, T: Take>(model: &M, paths: &[&String]) -> HashMap<String, 
 /// Puts states and edited bases onto a model whose states were detached.
 struct Reattach {
     states: HashMap<String, LoraState>,
+    /// The layouts of the targeted raw parameters, for putting their bases back.
+    layouts: HashMap<String, ParamLayout>,
     bases: HashMap<String, Tensor<2>>,
     replacements: HashMap<String, Tensor<1>>,
     freeze_base: bool,
@@ -342,7 +381,8 @@ impl Reparameterizer for Reattach {
             Some(base) => {
                 let shape = param.shape();
                 // The new base must not carry the graph that computed it.
-                param.map(|_| from_factor_layout(base.detach(), shape))
+                let layout = self.layouts.get(path).copied();
+                param.map(|_| from_factor_layout(base.detach(), shape, layout))
             }
             None => param,
         };

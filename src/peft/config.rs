@@ -39,8 +39,8 @@ impl TargetModules {
 /// The LoRA settings of a PEFT adapter, as `adapter_config.json` holds them.
 ///
 /// Unknown fields are kept in [`extra`](Self::extra) and written back, since PEFT adds fields
-/// often. Fields that would change what the adapter means (`target_parameters`, an
-/// unconverted base-rewriting init...) are refused by [`from_json`](Self::from_json).
+/// often. Fields that would change what the adapter means (an unconverted base-rewriting
+/// init, QALoRA...) are refused by [`from_json`](Self::from_json).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
     /// `r`: the default rank.
@@ -80,6 +80,11 @@ pub struct AdapterConfig {
     /// `embed_tokens`. The rows are in the weights file as
     /// `…<module>.token_adapter.trainable_tokens_delta`, `[ids, dim]`.
     pub trainable_token_indices: Vec<(String, Vec<usize>)>,
+    /// `target_parameters`: raw parameters with adapters (a mixture of experts' expert banks),
+    /// each a parameter path matched exactly or as a dotted suffix, in file order. Their
+    /// factors are keyed by the owning module, with one `base_layer.` more for each targeted
+    /// parameter of that module registered after it (PEFT nests its wrappers).
+    pub target_parameters: Vec<String>,
     /// Every other field, kept as read.
     pub extra: Map<String, Value>,
 }
@@ -106,6 +111,7 @@ struct ConfigFile {
     task_type: Option<String>,
     modules_to_save: Option<Vec<String>>,
     trainable_token_indices: Option<Value>,
+    target_parameters: Option<Vec<String>>,
     bias: Option<String>,
     fan_in_fan_out: Option<bool>,
     #[serde(flatten)]
@@ -214,6 +220,7 @@ impl AdapterConfig {
             task_type: None,
             modules_to_save: None,
             trainable_token_indices: Vec::new(),
+            target_parameters: Vec::new(),
             extra: Map::new(),
         }
     }
@@ -303,6 +310,7 @@ impl AdapterConfig {
             task_type: file.task_type,
             modules_to_save: file.modules_to_save,
             trainable_token_indices: token_indices(file.trainable_token_indices, invalid)?,
+            target_parameters: file.target_parameters.unwrap_or_default(),
             extra: file.extra,
         })
     }
@@ -325,6 +333,19 @@ impl AdapterConfig {
             feature,
         };
         refuse_unsupported(&self.extra, &unsupported)?;
+        if !self.target_parameters.is_empty() {
+            // PEFT's ParamWrapper refuses these: the update composes into the parameter.
+            let refused = [
+                (self.lora_dropout != 0.0, "lora_dropout"),
+                (self.use_dora, "use_dora"),
+                (self.lora_bias, "lora_bias"),
+            ];
+            if let Some((_, field)) = refused.into_iter().find(|(set, _)| *set) {
+                return Err(unsupported(format!(
+                    "{field} with target_parameters (PEFT does not support it either)"
+                )));
+            }
+        }
         if self.r == 0 {
             return Err(invalid("`r` must be a positive integer, found 0".into()));
         }
@@ -419,6 +440,13 @@ impl AdapterConfig {
                     ),
                 },
             ),
+            (
+                "target_parameters",
+                match self.target_parameters.is_empty() {
+                    true => Value::Null,
+                    false => json!(self.target_parameters),
+                },
+            ),
             ("exclude_modules", modules(&self.exclude_modules)),
             ("layers_to_transform", json!(self.layers_to_transform)),
             ("layers_pattern", json!(self.layers_pattern)),
@@ -482,8 +510,24 @@ impl AdapterConfig {
             Targets::new(include)
                 .with_exclude(exclude)
                 .with_layers_to_transform(self.layers_to_transform.clone())
-                .with_layers_pattern(self.layers_pattern.clone()),
+                .with_layers_pattern(self.layers_pattern.clone())
+                .with_parameters(
+                    (self.target_parameters.iter())
+                        .map(|name| crate::Target::Name(name.clone()))
+                        .collect(),
+                ),
         )
+    }
+
+    /// Whether `target_parameters` selects the parameter at `peft_path` (its PEFT name,
+    /// `<module>.<parameter>`): a name equal to it or a dotted suffix of it, as PEFT matches.
+    pub fn selects_parameter(&self, peft_path: &str) -> bool {
+        (self.target_parameters.iter()).any(|name| {
+            peft_path == name
+                || peft_path
+                    .strip_suffix(name.as_str())
+                    .is_some_and(|prefix| prefix.ends_with('.'))
+        })
     }
 
     /// Whether the config selects the module at `peft_path` (its PEFT name); `None` when it
@@ -519,10 +563,6 @@ fn refuse_unsupported(
     };
     let refused = [
         ("layer_replication", "layer_replication"),
-        (
-            "target_parameters",
-            "target_parameters (adapters on raw parameters)",
-        ),
         ("use_qalora", "QALoRA (use_qalora = true)"),
         ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
     ];
@@ -685,6 +725,39 @@ mod tests {
         }
         let error = AdapterConfig::from_json(r#"{"peft_type": "IA3", "r": 8}"#, "c").unwrap_err();
         assert!(matches!(error, LoraError::UnsupportedAdapter { .. }));
+    }
+
+    #[test]
+    fn target_parameters_read_round_trip_and_refuse_what_peft_refuses() {
+        let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16"#;
+        let read = |extra: &str| AdapterConfig::from_json(&format!("{{{base}, {extra}}}"), "c");
+        let config = read(r#""target_parameters": ["mlp.experts.gate_up_proj"]"#).unwrap();
+        assert_eq!(config.target_parameters, ["mlp.experts.gate_up_proj"]);
+        assert!(config.selects_parameter("model.layers.0.mlp.experts.gate_up_proj"));
+        assert!(config.selects_parameter("mlp.experts.gate_up_proj"));
+        assert!(!config.selects_parameter("model.layers.0.mlp.experts.down_proj"));
+        assert!(!config.selects_parameter("xmlp.experts.gate_up_proj"));
+        let again = AdapterConfig::from_json(&config.to_json(), "c").unwrap();
+        assert_eq!(again.target_parameters, config.target_parameters);
+        assert!(
+            read(r#""target_parameters": null"#)
+                .unwrap()
+                .target_parameters
+                .is_empty()
+        );
+        for (extra, word) in [
+            (r#""lora_dropout": 0.1"#, "lora_dropout"),
+            (r#""use_dora": true"#, "use_dora"),
+            (r#""lora_bias": true"#, "lora_bias"),
+        ] {
+            let error =
+                read(&format!(r#"{extra}, "target_parameters": ["experts.w"]"#)).unwrap_err();
+            assert!(
+                matches!(&error, LoraError::UnsupportedAdapter { feature, .. }
+                    if feature.contains(word) && feature.contains("target_parameters")),
+                "{error}"
+            );
+        }
     }
 
     #[test]

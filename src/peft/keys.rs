@@ -1,11 +1,13 @@
 //! Names in PEFT files: the tensor keys, and the [`KeyMap`] between Hugging Face module paths
 //! and Burn module paths.
 
+use burn::tensor::Tensor;
 use regex::Regex;
 
 use crate::LoraError;
 use crate::adapter::LayerKind;
-use crate::adapter::layout::factor_dims;
+use crate::adapter::layout::{factor_dims, param_dims};
+use crate::config::ParamLayout;
 
 /// The prefix PEFT puts before every module path in an adapter file.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -286,7 +288,22 @@ pub(crate) fn factor_segment(factor: Factor, kind: LayerKind) -> &'static str {
 /// of shape `dims` and `kind`: PyTorch's layouts, `A: [r, d_in]` (`[r, c_in, k1, k2]` for a
 /// convolution), `B: [d_out, r]` (`[c_out, r, 1, 1]`), the magnitude `[d_out]`
 /// (`[1, c_out, 1, 1]`).
-pub(crate) fn peft_shapes(kind: LayerKind, dims: &[usize], rank: usize) -> [Vec<usize>; 3] {
+///
+/// A raw parameter (`param` is its layout) of `E` experts stores `A: [E·r, d_in]` and
+/// `B: [d_out, E·r]`, PEFT's `ParamWrapper` layout.
+pub(crate) fn peft_shapes(
+    kind: LayerKind,
+    dims: &[usize],
+    rank: usize,
+    param: Option<ParamLayout>,
+) -> [Vec<usize>; 3] {
+    if let Some((experts, d_in, d_out)) = param.and_then(|layout| param_dims(dims, layout)) {
+        return [
+            vec![experts * rank, d_in],
+            vec![d_out, experts * rank],
+            vec![d_out],
+        ];
+    }
     let (d_in, d_out) = factor_dims(dims);
     match kind {
         LayerKind::Conv2d => {
@@ -296,6 +313,34 @@ pub(crate) fn peft_shapes(kind: LayerKind, dims: &[usize], rank: usize) -> [Vec<
         }
         _ => [vec![rank, d_in], vec![d_out, rank], vec![d_out]],
     }
+}
+
+/// The rows of an expert bank's `B` (`[E·r, d_out]`, transposed from the file) regrouped:
+/// `regroup(b, E, r)` takes burn-lora's order, row `e·r + k` for expert `e` and component `k`,
+/// to PEFT's, row `k·E + e`; `regroup(b, r, E)` takes PEFT's back. (`A` needs no regrouping:
+/// both order its rows, or columns, `e·r + k`.)
+pub(crate) fn regroup(b: Tensor<2>, outer: usize, inner: usize) -> Tensor<2> {
+    let [rows, d_out] = b.dims();
+    if outer <= 1 || inner <= 1 {
+        return b;
+    }
+    debug_assert_eq!(rows, outer * inner);
+    b.reshape([outer, inner, d_out])
+        .swap_dims(0, 1)
+        .reshape([rows, d_out])
+}
+
+/// The module key PEFT gives the adapter of a raw parameter of the module at `peft_module`:
+/// PEFT wraps the targeted parameters of one module in nested wrappers, the first registered
+/// innermost, so the parameter at `index` of `count` gets `count - 1 - index` `base_layer.`
+/// segments.
+pub(crate) fn param_module_key(peft_module: &str, index: usize, count: usize) -> String {
+    let depth = count.saturating_sub(index + 1);
+    let mut key = peft_module.to_string();
+    for _ in 0..depth {
+        key.push_str(".base_layer");
+    }
+    key
 }
 
 /// The full key PEFT writes for `factor` of the module at `peft_path`.

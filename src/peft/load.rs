@@ -9,15 +9,17 @@ use burn::tensor::{Tensor, TensorData};
 use super::config::{AdapterConfig, TargetModules};
 use super::files::{DIGEST_FIELD, HostTensor, digest, lock, read_file, read_tensors};
 use super::keys::{
-    Factor, Key, KeyMap, PEFT_PREFIX, factor_key, factor_segment, parse_key, peft_shapes,
+    Factor, Key, KeyMap, PEFT_PREFIX, factor_key, factor_segment, param_module_key, parse_key,
+    peft_shapes, regroup,
 };
 use super::{CONFIG_FILE, WEIGHTS_FILE};
-use crate::adapter::layout::float_dtype;
+use crate::adapter::layout::{float_dtype, param_dims};
 use crate::adapter::saved::check_rows;
+use crate::config::ParamLayout;
 use crate::error::{DtypeNote, LoadReport, LoadedModule, ShapeMismatch};
 use crate::model::attach::{attach_adapters, saved_module_of};
 use crate::model::snapshot::Snapshot;
-use crate::model::survey::{module_path_of, weight_path_of};
+use crate::model::survey::{ParamSite, module_path_of, weight_path_of};
 use crate::{Adapter, LayerKind, LoraError, SavedCopy};
 
 /// How [`load_adapter_with`](crate::peft::load_adapter_with) reads an adapter.
@@ -31,6 +33,9 @@ pub struct LoadOptions {
     /// Whether the loaded adapter takes gradients, to continue training it. Off by default,
     /// as in PEFT's `is_trainable=False`.
     pub trainable: bool,
+    /// How the model stores the raw parameters of the file's `target_parameters` (which axis
+    /// is the input): PEFT's files do not say, the model does.
+    pub parameter_layout: ParamLayout,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +44,7 @@ impl Default for LoadOptions {
             strict: true,
             key_map: KeyMap::new(),
             trainable: false,
+            parameter_layout: ParamLayout::OutIn,
         }
     }
 }
@@ -64,6 +70,12 @@ impl LoadOptions {
     /// Set [`trainable`](Self::trainable).
     pub fn with_trainable(mut self, trainable: bool) -> Self {
         self.trainable = trainable;
+        self
+    }
+
+    /// Set [`parameter_layout`](Self::parameter_layout).
+    pub fn with_parameter_layout(mut self, parameter_layout: ParamLayout) -> Self {
+        self.parameter_layout = parameter_layout;
         self
     }
 }
@@ -207,7 +219,9 @@ impl PeftAdapter {
                     .into(),
             });
         }
-        let mut incoming: HashMap<String, Adapter> = adapters.into_iter().collect();
+        let mut incoming: HashMap<String, Adapter> = (adapters.into_iter())
+            .map(|(path, adapter, _)| (path, adapter))
+            .collect();
         let mut problems = Vec::new();
         let mut states = Vec::with_capacity(snapshot.states.len());
         for (path, state) in &snapshot.states {
@@ -299,7 +313,7 @@ impl PeftAdapter {
         snapshot: &Snapshot<M>,
         name: &str,
         options: &LoadOptions,
-    ) -> Result<(Vec<(String, Adapter)>, Vec<(String, SavedCopy)>, LoadReport), LoraError> {
+    ) -> Result<(Vec<NewAdapter>, Vec<(String, SavedCopy)>, LoadReport), LoraError> {
         let mut report = LoadReport {
             adapter: name.to_string(),
             ..Default::default()
@@ -340,8 +354,11 @@ impl PeftAdapter {
         }
         self.check_coverage(snapshot, &pairs, &options.key_map, report);
 
-        let paths: Vec<String> = accepted.iter().map(|m| weight_path_of(&m.path)).collect();
-        let bases = snapshot.bases(&paths);
+        let paths: Vec<String> = accepted.iter().map(|m| m.weight.clone()).collect();
+        let layouts: HashMap<String, ParamLayout> = (accepted.iter())
+            .filter_map(|m| m.layout.map(|layout| (m.weight.clone(), layout)))
+            .collect();
+        let bases = snapshot.bases_in(&paths, &layouts);
         let mut adapters = Vec::with_capacity(accepted.len());
         for (module, path) in accepted.into_iter().zip(paths) {
             let base = &bases[&path];
@@ -352,15 +369,21 @@ impl PeftAdapter {
                 let values = tensor.values.clone().expect("checked usable");
                 TensorData::new(values, shape)
             };
-            let rank = module.loaded.rank;
+            let (rank, experts) = (module.loaded.rank, module.experts);
             let factor = |tensor: &HostTensor, rows: usize, cols: usize| {
                 Tensor::<2>::from_data(values(tensor, vec![rows, cols]), &device)
                     .transpose()
                     .cast(dtype)
             };
+            // An expert bank's B comes in PEFT's row order (k·E + e), which burn-lora keeps
+            // per expert (e·r + k).
             let (lora_a, lora_b) = (
-                factor(module.a, rank, module.d_in),
-                factor(module.b, module.d_out, rank),
+                factor(module.a, experts * rank, module.d_in),
+                regroup(
+                    factor(module.b, module.d_out, experts * rank),
+                    rank,
+                    experts,
+                ),
             );
             let vector = |tensor: &'_ HostTensor| {
                 let data = values(tensor, vec![module.d_out]);
@@ -409,7 +432,13 @@ impl PeftAdapter {
                 adapter = adapter.with_lora_bias(lora_bias);
             }
             report.loaded.push(module.loaded);
-            adapters.push((path, adapter.with_trainable(options.trainable)));
+            adapters.push((
+                path,
+                adapter
+                    .with_experts(experts)
+                    .with_trainable(options.trainable),
+                module.layout,
+            ));
         }
 
         let mut copies = self.saved_copies(name, snapshot, &saved_tensors, options, report);
@@ -417,7 +446,7 @@ impl PeftAdapter {
         // A parameter holds LoRA factors or a trained copy, never both: the copy would hide
         // the factors.
         copies.retain(|(path, _)| {
-            let both = adapters.iter().any(|(adapted, _)| adapted == path);
+            let both = adapters.iter().any(|(adapted, _, _)| adapted == path);
             if both {
                 report.unexpected.push(format!(
                     "the trained copy of `{path}` (modules_to_save or trainable tokens; the file \
@@ -713,22 +742,46 @@ impl PeftAdapter {
         options: &LoadOptions,
         report: &mut LoadReport,
     ) -> Option<CheckedModule<'a>> {
-        let path = options.key_map.to_burn(module);
         let present = || {
             [tensors.a, tensors.b, tensors.magnitude, tensors.bias]
                 .into_iter()
                 .flatten()
         };
-        let Some(site) = snapshot.survey.adaptable_weight(&weight_path_of(&path)) else {
-            for tensor in present() {
-                report.unexpected.push(format!(
-                    "{} (the model has no linear, embedding or conv2d layer `{path}`)",
-                    tensor.key
-                ));
+        let target = match self.parameter_target(snapshot, module, options) {
+            Some(Ok(target)) => target,
+            Some(Err(problem)) => {
+                for tensor in present() {
+                    report
+                        .unexpected
+                        .push(format!("{} ({problem})", tensor.key));
+                }
+                return None;
             }
-            return None;
+            None => {
+                let path = options.key_map.to_burn(module);
+                let Some(site) = snapshot.survey.adaptable_weight(&weight_path_of(&path)) else {
+                    for tensor in present() {
+                        report.unexpected.push(format!(
+                            "{} (the model has no linear, embedding or conv2d layer `{path}`)",
+                            tensor.key
+                        ));
+                    }
+                    return None;
+                };
+                Target {
+                    weight: site.path.clone(),
+                    kind: site.kind().expect("an adaptable weight has a kind"),
+                    owner: site.owner.clone(),
+                    dims: site.dims.clone(),
+                    experts: 1,
+                    dims_in_out: site.factor_dims(),
+                    layout: None,
+                    pattern_key: module.to_string(),
+                    path,
+                }
+            }
         };
-        let kind = site.kind().expect("an adaptable weight has a kind");
+        let (path, kind, site_owner) = (target.path.clone(), target.kind, target.owner.as_str());
         let embedding = kind == LayerKind::Embedding;
         if tensors
             .embedding_keys
@@ -780,11 +833,11 @@ impl PeftAdapter {
                     .push(format!("{} (the config has lora_bias = false)", bias.key));
                 ok = false;
             }
-            (true, Some(bias)) if site.owner != "LoraLinear" => {
+            (true, Some(bias)) if site_owner != "LoraLinear" => {
                 report.unexpected.push(format!(
                     "{} (`{path}` is a {} that computes through its weight alone; a bias on \
                      lora_B needs a LoraLinear)",
-                    bias.key, site.owner
+                    bias.key, site_owner
                 ));
                 ok = false;
             }
@@ -817,20 +870,35 @@ impl PeftAdapter {
             return None;
         }
         let (a, b) = (tensors.a?, tensors.b?);
-        let (d_in, d_out) = site.factor_dims();
-        let (rank, pattern) = self.config.rank_for(module);
+        let (d_in, d_out) = target.dims_in_out;
+        let (rank, pattern) = self.config.rank_for(&target.pattern_key);
         let rank_source = match pattern {
             Some(key) => format!("rank_pattern \"{key}\" gives r = {rank}"),
             None => format!("config r = {rank}"),
         };
-        let [a_shape, b_shape, magnitude_shape] = peft_shapes(kind, &site.dims, rank);
+        let [a_shape, b_shape, magnitude_shape] =
+            peft_shapes(kind, &target.dims, rank, target.layout);
+        let experts = match target.experts {
+            1 => String::new(),
+            experts => format!("{experts} experts × "),
+        };
         let inputs = match kind {
             LayerKind::Conv2d => format!("c_in·k1·k2 = {d_in}"),
             _ => format!("d_in = {d_in}"),
         };
         let mut expectations = vec![
-            (a, a_shape, Some(0), format!("{inputs} of `{path}`")),
-            (b, b_shape, Some(1), format!("d_out = {d_out} of `{path}`")),
+            (
+                a,
+                a_shape,
+                Some(0),
+                format!("{experts}{inputs} of `{path}`"),
+            ),
+            (
+                b,
+                b_shape,
+                Some(1),
+                format!("{experts}d_out = {d_out} of `{path}`"),
+            ),
         ];
         if let Some(magnitude) = tensors.magnitude {
             expectations.push((
@@ -875,9 +943,12 @@ impl PeftAdapter {
         if !ok {
             return None;
         }
-        let alpha = self.config.alpha_for(module);
+        let alpha = self.config.alpha_for(&target.pattern_key);
         Some(CheckedModule {
             path: path.clone(),
+            weight: target.weight,
+            experts: target.experts,
+            layout: target.layout,
             a,
             b,
             magnitude: tensors.magnitude,
@@ -894,6 +965,105 @@ impl PeftAdapter {
         })
     }
 
+    /// The raw parameter the file's module key `module` adapts, when `target_parameters` selects
+    /// a parameter of that module (after the `base_layer.` segments of PEFT's nesting, which
+    /// say which of the module's targeted parameters it is); `None` for a layer's key, and the
+    /// problem when the nesting names no targeted parameter.
+    fn parameter_target<M: Module>(
+        &self,
+        snapshot: &Snapshot<M>,
+        module: &str,
+        options: &LoadOptions,
+    ) -> Option<Result<Target, String>> {
+        if self.config.target_parameters.is_empty() {
+            return None;
+        }
+        let (mut peft_module, mut depth) = (module, 0);
+        while let Some(outer) = peft_module.strip_suffix(".base_layer") {
+            peft_module = outer;
+            depth += 1;
+        }
+        let path = options.key_map.to_burn(peft_module);
+        let targeted: Vec<&ParamSite> = (snapshot.survey.params.iter())
+            .filter(|site| site.module_path() == path)
+            .filter(|site| {
+                let name = site.path.rsplit('.').next().unwrap_or_default();
+                self.config
+                    .selects_parameter(&format!("{peft_module}.{name}"))
+            })
+            .collect();
+        if targeted.is_empty() {
+            return (depth > 0).then(|| {
+                Err(format!(
+                    "target_parameters selects no parameter of the model's `{path}`"
+                ))
+            });
+        }
+        let Some(index) = targeted.len().checked_sub(depth + 1) else {
+            return Some(Err(format!(
+                "{depth} nested base_layer, but target_parameters selects {} parameter(s) of \
+                 `{path}`",
+                targeted.len()
+            )));
+        };
+        let site = targeted[index];
+        let layout = options.parameter_layout;
+        let Some((experts, d_in, d_out)) = param_dims(&site.dims, layout) else {
+            return Some(Err(format!(
+                "`{}` has shape {:?}; LoRA adapts 2-D and 3-D parameters",
+                site.path, site.dims
+            )));
+        };
+        let name = site.path.rsplit('.').next().unwrap_or_default();
+        Some(Ok(Target {
+            path: site.path.clone(),
+            weight: site.path.clone(),
+            kind: LayerKind::Parameter,
+            owner: site.owner.clone(),
+            dims: site.dims.clone(),
+            experts,
+            dims_in_out: (d_in, d_out),
+            layout: Some(layout),
+            pattern_key: format!("{peft_module}.{name}"),
+        }))
+    }
+
+    /// Report the raw parameters the config's `target_parameters` select in the model that the
+    /// file has no tensors for.
+    fn check_parameter_coverage<M: Module, T>(
+        &self,
+        snapshot: &Snapshot<M>,
+        pairs: &BTreeMap<String, T>,
+        key_map: &KeyMap,
+        report: &mut LoadReport,
+    ) {
+        let mut by_module: Vec<(String, Vec<&ParamSite>)> = Vec::new();
+        for site in &snapshot.survey.params {
+            let module = key_map.to_peft(site.module_path());
+            let name = site.path.rsplit('.').next().unwrap_or_default();
+            if !self.config.selects_parameter(&format!("{module}.{name}")) {
+                continue;
+            }
+            match by_module.iter_mut().find(|(known, _)| *known == module) {
+                Some((_, sites)) => sites.push(site),
+                None => by_module.push((module, vec![site])),
+            }
+        }
+        for (module, sites) in by_module {
+            for (index, site) in sites.iter().enumerate() {
+                let key = param_module_key(&module, index, sites.len());
+                if !pairs.contains_key(&key) {
+                    report.missing.push(format!(
+                        "{} and {} (target_parameters selects `{}`)",
+                        factor_key(&key, Factor::A, LayerKind::Parameter),
+                        factor_key(&key, Factor::B, LayerKind::Parameter),
+                        site.path
+                    ));
+                }
+            }
+        }
+    }
+
     /// Report the modules the config's `target_modules` select in the model that the file has
     /// no tensors for.
     fn check_coverage<M: Module, T>(
@@ -903,6 +1073,7 @@ impl PeftAdapter {
         key_map: &KeyMap,
         report: &mut LoadReport,
     ) {
+        self.check_parameter_coverage(snapshot, pairs, key_map, report);
         let Some(targets) = &self.config.target_modules else {
             return;
         };
@@ -948,9 +1119,35 @@ struct ModuleTensors<'a> {
     embedding_keys: Vec<bool>,
 }
 
+/// A loaded adapter: the path of the parameter it goes on, and that parameter's layout when it
+/// is a raw parameter.
+type NewAdapter = (String, Adapter, Option<ParamLayout>);
+
+/// Where a module of the file goes in the model: a layer's weight, or a raw parameter.
+struct Target {
+    /// The module path (a layer) or parameter path (a raw parameter), for reports.
+    path: String,
+    /// The path of the parameter that gets the adapter.
+    weight: String,
+    kind: LayerKind,
+    owner: String,
+    dims: Vec<usize>,
+    experts: usize,
+    /// `(d_in, d_out)`, one expert's for an expert bank.
+    dims_in_out: (usize, usize),
+    layout: Option<ParamLayout>,
+    /// The PEFT path `rank_pattern` and `alpha_pattern` match: the module's, or for a raw
+    /// parameter `<module>.<parameter>`.
+    pattern_key: String,
+}
+
 /// A module that passed every check.
 struct CheckedModule<'a> {
     path: String,
+    /// The path of the parameter that gets the adapter.
+    weight: String,
+    experts: usize,
+    layout: Option<ParamLayout>,
     a: &'a HostTensor,
     b: &'a HostTensor,
     magnitude: Option<&'a HostTensor>,

@@ -11,13 +11,16 @@ use super::config::{AdapterConfig, TargetModules};
 use super::files::{
     DIGEST_FIELD, OutTensor, digest, encode, io_error, lock, publish, write_tensors,
 };
-use super::keys::{Factor, KeyMap, PEFT_PREFIX, factor_key, peft_shapes};
+use super::keys::{
+    Factor, KeyMap, PEFT_PREFIX, factor_key, param_module_key, peft_shapes, regroup,
+};
 use super::load::TOKENS_KEY;
 use super::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapter::layout::param_dims;
 use crate::config::scaling::alpha_for_scale;
 use crate::model::snapshot::Snapshot;
 use crate::model::survey::module_path_of;
-use crate::{Adapter, LoraError};
+use crate::{Adapter, LayerKind, LoraError};
 
 /// How [`save_adapter_with`](crate::peft::save_adapter_with) writes an adapter.
 #[derive(Debug, Clone, Default)]
@@ -72,7 +75,10 @@ pub struct SavedAdapter {
 
 /// One adapted module, ready to write.
 struct Entry {
+    /// The module's PEFT path, or `<module>.<parameter>` for a raw parameter.
     peft_path: String,
+    /// Whether it is a raw parameter (`target_parameters`).
+    param: bool,
     rank: usize,
     alpha: f64,
     scale: f64,
@@ -101,24 +107,58 @@ pub(crate) fn save<M: Module>(
         .any(|(_, state)| state.adapter(name).is_some_and(|a| a.lora_bias.is_some()));
     let mut entries = Vec::new();
     let mut tensors = Vec::new();
+    let mut target_parameters: Vec<String> = Vec::new();
+    let name_of_adapter = name;
     for (weight_path, state) in &snapshot.states {
         let Some(adapter) = state.adapter(name) else {
             continue;
         };
         let path = module_path_of(weight_path);
-        let peft_path = options.key_map.to_peft_checked(path)?;
-        let site = snapshot
-            .survey
-            .adaptable_weight(weight_path)
-            .expect("adapters sit on adaptable weights");
-        let kind = site.kind().expect("an adaptable weight has a kind");
+        let peft_module = options.key_map.to_peft_checked(path)?;
+        let site = (snapshot.survey.params.iter())
+            .find(|site| site.path == *weight_path)
+            .expect("adapters sit on parameters of the model");
         let (lora_a, lora_b) = plain_delta_factors(adapter, path)?;
         let (device, dtype) = (lora_b.device(), lora_b.dtype());
-        let rank = lora_a.dims()[1];
-        let (_, d_out) = site.factor_dims();
+        let (kind, peft_path, key_path, lora_b) = match state.param_layout {
+            // A raw parameter: keyed by its module, nested as PEFT nests its wrappers, and
+            // with B's rows in PEFT's order.
+            Some(_) => {
+                let name = weight_path.rsplit('.').next().unwrap_or_default();
+                let siblings: Vec<&String> = (snapshot.states.iter())
+                    .filter(|(other, state)| {
+                        state.param_layout.is_some()
+                            && module_path_of(other) == path
+                            && state.adapter(name_of_adapter).is_some()
+                    })
+                    .map(|(other, _)| other)
+                    .collect();
+                let index = (siblings.iter())
+                    .position(|other| *other == weight_path)
+                    .expect("the parameter is among its module's");
+                let key = param_module_key(&peft_module, index, siblings.len());
+                let lora_b = regroup(lora_b, adapter.experts, adapter.rank());
+                let peft_param = format!("{peft_module}.{name}");
+                target_parameters.push(peft_param.clone());
+                (LayerKind::Parameter, peft_param, key, lora_b)
+            }
+            None => {
+                let kind = site.kind().expect("an adaptable weight has a kind");
+                (kind, peft_module.clone(), peft_module, lora_b)
+            }
+        };
+        // The rank written: the adapter's, or twice it for a converted PiSSA/OLoRA adapter.
+        let rank = lora_a.dims()[1] / adapter.experts.max(1);
+        let (_, d_out) = match state.param_layout {
+            Some(layout) => param_dims(&site.dims, layout)
+                .map(|(_, d_in, d_out)| (d_in, d_out))
+                .expect("an adapted parameter is 2-D or 3-D"),
+            None => site.factor_dims(),
+        };
         // PyTorch's layouts, the transposes of Burn's (the same values, row-major, under a
         // convolution's kernel axes).
-        let [a_shape, b_shape, magnitude_shape] = peft_shapes(kind, &site.dims, rank);
+        let [a_shape, b_shape, magnitude_shape] =
+            peft_shapes(kind, &site.dims, rank, state.param_layout);
         let mut parts = vec![
             (Factor::A, lora_a.transpose(), a_shape),
             (Factor::B, lora_b.transpose(), b_shape),
@@ -135,7 +175,7 @@ pub(crate) fn save<M: Module>(
             parts.push((Factor::Bias, bias.reshape([1, d_out]), vec![d_out]));
         }
         for (factor, tensor, shape) in parts {
-            let key = factor_key(&peft_path, factor, kind);
+            let key = factor_key(&key_path, factor, kind);
             let tensor =
                 out_tensor(key, tensor, shape).ok_or_else(|| LoraError::NonFiniteAdapter {
                     path: path.to_string(),
@@ -143,7 +183,10 @@ pub(crate) fn save<M: Module>(
                 })?;
             tensors.push(tensor);
         }
-        entries.push(entry(peft_path, adapter, rank));
+        entries.push(Entry {
+            param: state.param_layout.is_some(),
+            ..entry(peft_path, adapter, rank)
+        });
     }
     // The adapter's copies of modules_to_save, under the modules' own keys, in PyTorch's
     // names and layouts, as PEFT writes them.
@@ -236,6 +279,7 @@ pub(crate) fn save<M: Module>(
     config.lora_bias = lora_bias;
     config.modules_to_save = (!saved_modules.is_empty()).then_some(saved_modules);
     config.trainable_token_indices = token_indices;
+    config.target_parameters = parameter_names(&snapshot, &target_parameters, &options.key_map);
     let weights_path = dir.join(WEIGHTS_FILE);
     let config_path = dir.join(CONFIG_FILE);
     let bytes = write_tensors(&tensors, &weights_path.display().to_string())?;
@@ -298,6 +342,7 @@ fn entry(peft_path: String, adapter: &Adapter, rank: usize) -> Entry {
     };
     Entry {
         peft_path,
+        param: false,
         rank,
         alpha,
         scale: adapter.scale,
@@ -347,7 +392,10 @@ fn adapter_config<M: Module>(
     config.lora_dropout = most_common(entries.iter().map(|e| e.dropout));
     config.base_model_name_or_path = options.base_model_name_or_path.clone();
     config.task_type = options.task_type.clone();
-    config.target_modules = Some(target_modules(snapshot, entries, &options.key_map));
+    let modules: Vec<&Entry> = entries.iter().filter(|entry| !entry.param).collect();
+    // PEFT takes no target_modules beside target_parameters as "none".
+    config.target_modules =
+        (!modules.is_empty()).then(|| target_modules(snapshot, &modules, &options.key_map));
 
     let ranks: Vec<f64> = entries.iter().map(|e| e.rank as f64).collect();
     config.rank_pattern = overrides(entries, &ranks, r as f64)
@@ -398,11 +446,44 @@ fn pattern_key(entries: &[Entry], peft_path: &str) -> String {
     }
 }
 
+/// `target_parameters` for the raw parameters at `saved` (PEFT paths): each as its module's last
+/// segment and its name (`experts.gate_up_proj`) when those names select exactly the saved
+/// parameters among the model's, else the full paths. Sorted, as PEFT sorts them.
+fn parameter_names<M: Module>(
+    snapshot: &Snapshot<M>,
+    saved: &[String],
+    key_map: &KeyMap,
+) -> Vec<String> {
+    let short = |path: &str| {
+        let segments: Vec<&str> = path.rsplit('.').take(2).collect();
+        segments.into_iter().rev().collect::<Vec<_>>().join(".")
+    };
+    let mut names: Vec<String> = saved.iter().map(|path| short(path)).collect();
+    names.sort();
+    names.dedup();
+    let mut by_names = AdapterConfig::new(1, 1.0);
+    by_names.target_parameters = names.clone();
+    let exact = (snapshot.survey.params.iter()).all(|site| {
+        let module = key_map.to_peft(site.module_path());
+        let name = site.path.rsplit('.').next().unwrap_or_default();
+        let peft = format!("{module}.{name}");
+        by_names.selects_parameter(&peft) == saved.contains(&peft)
+    });
+    match exact {
+        true => names,
+        false => {
+            let mut full = saved.to_vec();
+            full.sort();
+            full
+        }
+    }
+}
+
 /// `target_modules` as a list of names when those names select exactly the saved modules among
 /// the model's linear layers, else a regex of the exact paths.
 fn target_modules<M: Module>(
     snapshot: &Snapshot<M>,
-    entries: &[Entry],
+    entries: &[&Entry],
     key_map: &KeyMap,
 ) -> TargetModules {
     let mut names: Vec<String> = Vec::new();
