@@ -359,6 +359,25 @@ fn what_a_raw_parameter_cannot_take_is_refused() {
         both.apply(moe(layout, &device)).unwrap_err(),
         LoraError::InvalidTargetParameter { path, .. } if path == "router.weight"
     ));
+    // A quantized bank: its update cannot compose into a QFloat value.
+    let mut quantizer = burn::module::Quantizer::new(
+        burn::tensor::quantization::Calibration::MinMax,
+        device
+            .settings()
+            .quantization
+            .scheme
+            .with_value(burn::tensor::quantization::QuantValue::Q8S),
+    );
+    let quantized = moe(layout, &device).quantize_weights(&mut quantizer);
+    assert!(matches!(
+        quantized.experts.gate_up_proj.val().dtype(),
+        burn::tensor::DType::QFloat(_)
+    ));
+    assert!(matches!(
+        config(layout).apply(quantized).unwrap_err(),
+        LoraError::InvalidTargetParameter { path, reason }
+            if path == "experts.gate_up_proj" && reason.contains("quantized")
+    ));
     let nothing = LoraConfig::new(1).with_targets(Targets::parameter_names(["experts.up_proj"]));
     assert!(matches!(
         nothing.apply(moe(layout, &device)).unwrap_err(),

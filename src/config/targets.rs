@@ -145,6 +145,10 @@ pub struct Targets {
     /// its update composes densely through `Param::val()`, as PEFT's `ParamWrapper` does:
     /// no dropout, DoRA, `lora_bias` or PiSSA/OLoRA init. `exclude` and
     /// `layers_to_transform` do not apply to parameters.
+    ///
+    /// PEFT's files key the factors of several targeted parameters of one module by nesting, in
+    /// the order the PyTorch module registers them: a port declares those fields in the same
+    /// order (Mixtral's `gate_up_proj` before `down_proj`).
     #[config(default = "Vec::new()")]
     pub parameters: Vec<Target>,
     /// How the [`parameters`](Self::parameters) store their weights.

@@ -108,7 +108,6 @@ pub(crate) fn save<M: Module>(
     let mut entries = Vec::new();
     let mut tensors = Vec::new();
     let mut target_parameters: Vec<String> = Vec::new();
-    let name_of_adapter = name;
     for (weight_path, state) in &snapshot.states {
         let Some(adapter) = state.adapter(name) else {
             continue;
@@ -124,12 +123,13 @@ pub(crate) fn save<M: Module>(
             // A raw parameter: keyed by its module, nested as PEFT nests its wrappers, and
             // with B's rows in PEFT's order.
             Some(_) => {
-                let name = weight_path.rsplit('.').next().unwrap_or_default();
+                let param_name = weight_path.rsplit('.').next().unwrap_or_default();
+                // The module's parameters this adapter adapts, in the module's order.
                 let siblings: Vec<&String> = (snapshot.states.iter())
                     .filter(|(other, state)| {
                         state.param_layout.is_some()
                             && module_path_of(other) == path
-                            && state.adapter(name_of_adapter).is_some()
+                            && state.adapter(name).is_some()
                     })
                     .map(|(other, _)| other)
                     .collect();
@@ -138,7 +138,7 @@ pub(crate) fn save<M: Module>(
                     .expect("the parameter is among its module's");
                 let key = param_module_key(&peft_module, index, siblings.len());
                 let lora_b = regroup(lora_b, adapter.experts, adapter.rank());
-                let peft_param = format!("{peft_module}.{name}");
+                let peft_param = format!("{peft_module}.{param_name}");
                 target_parameters.push(peft_param.clone());
                 (LayerKind::Parameter, peft_param, key, lora_b)
             }
