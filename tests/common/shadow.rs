@@ -168,3 +168,55 @@ pub fn variant(error: &LoraError) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// An operation's outcome held against the shadow's prediction: the next model and shadow when
+/// both say `Ok`, `None` when both name the same error and the failed call left the model
+/// `unchanged`, and the disagreement otherwise. `label` names the step in messages.
+pub fn settle<M>(
+    label: &str,
+    outcome: Result<M, LoraError>,
+    predicted: Result<Shadow, &'static str>,
+    unchanged: impl FnOnce() -> bool,
+) -> Result<Option<(M, Shadow)>, String> {
+    match (outcome, predicted) {
+        (Ok(next), Ok(shadow)) => Ok(Some((next, shadow))),
+        (Err(error), Err(expected)) => {
+            if variant(&error) != expected {
+                return Err(format!("{label}: {error:?}, expected {expected}"));
+            }
+            match unchanged() {
+                true => Ok(None),
+                false => Err(format!("{label}: a failed operation changed the model")),
+            }
+        }
+        (outcome, expected) => Err(format!(
+            "{label}: got {:?}, expected {expected:?}",
+            outcome.map(|_| ()).map_err(|e| e.to_string())
+        )),
+    }
+}
+
+/// Runs `run` on `cases` random sequences of 1 to 13 operations drawn from `op`, from a fixed
+/// `seed` so that a failing sequence replays; `run` gets the case's number, for its seed and
+/// scratch directory.
+pub fn run_sequences<O: std::fmt::Debug + Clone>(
+    cases: u32,
+    seed: u64,
+    op: impl proptest::strategy::Strategy<Value = O>,
+    run: impl Fn(&[O], usize) -> Result<(), String>,
+) {
+    use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(seed),
+        ..Config::default()
+    });
+    let case = std::cell::Cell::new(0usize);
+    runner
+        .run(&proptest::collection::vec(op, 1..14), |ops| {
+            case.set(case.get() + 1);
+            run(&ops, case.get()).map_err(TestCaseError::fail)
+        })
+        .unwrap();
+}
