@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn_lora::LoraModule;
-use burn_lora::peft::{KeyMap, LoadOptions, SaveOptions, load_adapter_with, save_adapter_with};
+use burn_lora::peft::{
+    KeyMap, LoadOptions, LoadReport, SaveOptions, load_adapter_with, save_adapter_with,
+};
 use common::{HostTensor, devices, param_ids};
 use safetensors::{Dtype, SafeTensors};
 
@@ -90,6 +92,49 @@ fn assert_logits(label: &str, found: HostTensor, expected: &HostTensor) {
     );
 }
 
+/// What every port must reproduce of transformers and PEFT on its case: the base's logits, those
+/// of PEFT's merged checkpoint (`merged`), those of PEFT's adapter loaded onto `base` through
+/// `key_map` (`modules` modules, as `what` counts them), and those of burn-lora's own merge of
+/// that adapter. Gives the adapted model, its load report and its merge, for the checks a port
+/// adds.
+#[allow(clippy::too_many_arguments)]
+fn assert_port<M: burn::module::Module>(
+    backend: &str,
+    io: &Io,
+    dir: &Path,
+    (base, merged): (&M, &M),
+    key_map: KeyMap,
+    (modules, what): (usize, &str),
+    logits: impl Fn(&M) -> HostTensor,
+) -> (M, LoadReport, M) {
+    assert_logits(
+        &format!("{backend} base"),
+        logits(base),
+        &io.logits("base_logits"),
+    );
+    assert_logits(
+        &format!("{backend} merged"),
+        logits(merged),
+        &io.logits("merged_logits"),
+    );
+    let options = LoadOptions::new().with_key_map(key_map);
+    let (adapted, report) =
+        load_adapter_with(base, dir.join("adapter"), "default", &options).unwrap();
+    assert_eq!(report.loaded.len(), modules, "{backend}: {what}\n{report}");
+    assert_logits(
+        &format!("{backend} adapted"),
+        logits(&adapted),
+        &io.logits("adapted_logits"),
+    );
+    let merged_here = adapted.merge_and_unload_lora().unwrap();
+    assert_logits(
+        &format!("{backend} merged here"),
+        logits(&merged_here),
+        &io.logits("merged_logits"),
+    );
+    (adapted, report, merged_here)
+}
+
 #[test]
 fn llama_gives_the_logits_of_transformers() {
     let io = Io::read("llama");
@@ -101,38 +146,16 @@ fn llama_gives_the_logits_of_transformers() {
         let logits = |model: &hf::llama::LlamaForCausalLM| {
             HostTensor::from(model.forward(input_ids.clone()))
         };
-        assert_logits(
-            &format!("{backend} base"),
-            logits(&base),
-            &io.logits("base_logits"),
-        );
-
         let (merged, _) = hf::llama::load(&dir.join("merged"), &device).unwrap();
-        assert_logits(
-            &format!("{backend} merged"),
-            logits(&merged),
-            &io.logits("merged_logits"),
-        );
-
-        let options = LoadOptions::new().with_key_map(hf::llama::key_map());
-        let (adapted, report) =
-            load_adapter_with(&base, dir.join("adapter"), "default", &options).unwrap();
-        assert_eq!(
-            report.loaded.len(),
-            14,
-            "{backend}: 7 projections × 2 layers\n{report}"
-        );
-        assert_logits(
-            &format!("{backend} adapted"),
-            logits(&adapted),
-            &io.logits("adapted_logits"),
-        );
         // burn-lora's own merge of PEFT's adapter gives what PEFT's merge gave ...
-        let merged_here = adapted.merge_and_unload_lora().unwrap();
-        assert_logits(
-            &format!("{backend} merged here"),
-            logits(&merged_here),
-            &io.logits("merged_logits"),
+        let (_, _, merged_here) = assert_port(
+            backend,
+            &io,
+            &dir,
+            (&base, &merged),
+            hf::llama::key_map(),
+            (14, "7 projections × 2 layers"),
+            logits,
         );
         // ... and exported in Hugging Face's names and layouts, it reloads bit for bit.
         let out = std::env::temp_dir().join(format!("burn_lora_llama_{}", std::process::id()));
@@ -178,25 +201,15 @@ fn mixtral_and_its_expert_adapter_give_the_logits_of_transformers() {
         let logits = |model: &hf::mixtral::MixtralForCausalLM| {
             HostTensor::from(model.forward(input_ids.clone()))
         };
-        assert_logits(
-            &format!("{backend} base"),
-            logits(&base),
-            &io.logits("base_logits"),
-        );
         let (merged, _) = hf::mixtral::load(&dir.join("merged"), &device).unwrap();
-        assert_logits(
-            &format!("{backend} merged"),
-            logits(&merged),
-            &io.logits("merged_logits"),
-        );
-
-        let options = LoadOptions::new().with_key_map(hf::mixtral::key_map());
-        let (adapted, report) =
-            load_adapter_with(&base, dir.join("adapter"), "default", &options).unwrap();
-        assert_eq!(
-            report.loaded.len(),
-            12,
-            "{backend}: (4 projections + 2 expert banks) × 2 layers\n{report}"
+        let (adapted, _, merged_here) = assert_port(
+            backend,
+            &io,
+            &dir,
+            (&base, &merged),
+            hf::mixtral::key_map(),
+            (12, "(4 projections + 2 expert banks) × 2 layers"),
+            logits,
         );
         let banks: Vec<_> = (adapted.lora_adapters().into_iter())
             .filter(|info| info.experts == 4)
@@ -210,17 +223,6 @@ fn mixtral_and_its_expert_adapter_give_the_logits_of_transformers() {
                 "layers.1.mlp.experts.gate_up_proj",
                 "layers.1.mlp.experts.down_proj"
             ]
-        );
-        assert_logits(
-            &format!("{backend} adapted"),
-            logits(&adapted),
-            &io.logits("adapted_logits"),
-        );
-        let merged_here = adapted.merge_and_unload_lora().unwrap();
-        assert_logits(
-            &format!("{backend} merged here"),
-            logits(&merged_here),
-            &io.logits("merged_logits"),
         );
         let unloaded = adapted.unload_lora().unwrap();
         assert_eq!(
@@ -289,41 +291,18 @@ fn gpt2_gives_the_logits_of_transformers() {
         let (base, _) = hf::gpt2::load(&dir.join("base"), &device).unwrap();
         let logits =
             |model: &hf::gpt2::GPT2LMHeadModel| HostTensor::from(model.forward(input_ids.clone()));
-        assert_logits(
-            &format!("{backend} base"),
-            logits(&base),
-            &io.logits("base_logits"),
-        );
-
         let (merged, _) = hf::gpt2::load(&dir.join("merged"), &device).unwrap();
-        assert_logits(
-            &format!("{backend} merged"),
-            logits(&merged),
-            &io.logits("merged_logits"),
-        );
-
         // PEFT saved the adapter with `fan_in_fan_out = true`: its factors are in PyTorch's
-        // usual layout all the same, and load onto the `[d_in, d_out]` weights unchanged.
-        let options = LoadOptions::new().with_key_map(hf::gpt2::key_map());
-        let (adapted, report) =
-            load_adapter_with(&base, dir.join("adapter"), "default", &options).unwrap();
-        assert_eq!(
-            report.loaded.len(),
-            8,
-            "{backend}: 4 projections × 2 blocks\n{report}"
-        );
-        assert_logits(
-            &format!("{backend} adapted"),
-            logits(&adapted),
-            &io.logits("adapted_logits"),
-        );
-        // Merged here, onto the `[d_in, d_out]` Conv1D weights, as PEFT merges with
-        // `fan_in_fan_out`.
-        let merged_here = adapted.merge_and_unload_lora().unwrap();
-        assert_logits(
-            &format!("{backend} merged here"),
-            logits(&merged_here),
-            &io.logits("merged_logits"),
+        // usual layout all the same, and load onto the `[d_in, d_out]` weights unchanged, and
+        // the merge here goes onto the Conv1D weights, as PEFT merges with `fan_in_fan_out`.
+        assert_port(
+            backend,
+            &io,
+            &dir,
+            (&base, &merged),
+            hf::gpt2::key_map(),
+            (8, "4 projections × 2 blocks"),
+            logits,
         );
     }
 }
@@ -344,41 +323,19 @@ fn bert_gives_the_logits_of_transformers() {
         };
         let (base, config) = hf::bert::load(&dir.join("base"), &device).unwrap();
         assert_eq!(config.num_labels(), 3);
-        assert_logits(
-            &format!("{backend} base"),
-            logits(&base),
-            &io.logits("base_logits"),
-        );
-
         let (merged, _) = hf::bert::load(&dir.join("merged"), &device).unwrap();
-        assert_logits(
-            &format!("{backend} merged"),
-            logits(&merged),
-            &io.logits("merged_logits"),
-        );
-
-        // PEFT's SEQ_CLS adapter: LoRA on Q, K, V and the classifier in modules_to_save.
-        let options = LoadOptions::new().with_key_map(hf::bert::key_map());
-        let (adapted, report) =
-            load_adapter_with(&base, dir.join("adapter"), "default", &options).unwrap();
-        assert_eq!(
-            report.loaded.len(),
-            6,
-            "{backend}: Q, K, V × 2 layers\n{report}"
+        // PEFT's SEQ_CLS adapter: LoRA on Q, K, V and the classifier in modules_to_save, which
+        // merged and unloaded replaces the original, as in PEFT.
+        let (adapted, report, _) = assert_port(
+            backend,
+            &io,
+            &dir,
+            (&base, &merged),
+            hf::bert::key_map(),
+            (6, "Q, K, V × 2 layers"),
+            logits,
         );
         assert_eq!(report.saved, ["classifier.weight", "classifier.bias"]);
-        assert_logits(
-            &format!("{backend} adapted"),
-            logits(&adapted),
-            &io.logits("adapted_logits"),
-        );
-        // Merged and unloaded, the trained classifier replaces the original, as in PEFT.
-        let merged_here = adapted.merge_and_unload_lora().unwrap();
-        assert_logits(
-            &format!("{backend} merged here"),
-            logits(&merged_here),
-            &io.logits("merged_logits"),
-        );
         // Unloaded, the base model is back, its classifier included.
         let unloaded = adapted.unload_lora().unwrap();
         assert_logits(
